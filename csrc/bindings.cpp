@@ -1,0 +1,18 @@
+// The Python face of fasttx._C: plain functions, one pair per op and device.
+// Dispatch, autograd and torch.library registration live in fasttx/ops.
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fasttx C++/CUDA kernels";
+#ifdef FASTTX_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+  m.def("bias_gelu_fwd_cpu", &fasttx::bias_gelu_fwd_cpu, "gelu(x + bias), CPU");
+  m.def("bias_gelu_bwd_cpu", &fasttx::bias_gelu_bwd_cpu, "bias_gelu backward, CPU");
+#ifdef FASTTX_WITH_CUDA
+  m.def("bias_gelu_fwd_cuda", &fasttx::bias_gelu_fwd_cuda, "gelu(x + bias), CUDA");
+  m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");
+#endif
+}
