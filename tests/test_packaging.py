@@ -1,0 +1,44 @@
+"""kernels/ installs as fasttx.kernels in an editable install and in a regular one alike."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOW_PATHS = "import fasttx, fasttx.kernels, fasttx._C; print(fasttx.__file__); print(fasttx.kernels.__file__)"
+
+
+def _import_paths(cwd, env=None):
+    out = subprocess.run([sys.executable, "-c", SHOW_PATHS], cwd=cwd, env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return [Path(p).resolve() for p in out]
+
+
+def test_editable_install_maps_kernels_to_the_source_tree(tmp_path):
+    fasttx_init, kernels_init = _import_paths(cwd=tmp_path)  # not the repo, so no cwd import
+    assert fasttx_init == ROOT / "fasttx" / "__init__.py"
+    assert kernels_init == ROOT / "kernels" / "__init__.py"
+
+
+def test_regular_install_ships_kernels_as_fasttx_kernels(tmp_path):
+    # Build from a copy so that this never races an in-place build of the repo.
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "build", "*.egg-info")
+    src.mkdir()
+    for name in ("setup.py", "README.md", "csrc", "fasttx", "kernels"):
+        path = ROOT / name
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, src / name, **({"ignore": ignore} if path.is_dir() else {}))
+    site = tmp_path / "site"
+    # CPU-only keeps this test to one C++ compile; test_cuda_build covers the CUDA link.
+    env = dict(os.environ, FASTTX_BUILD_CUDA="0")
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+                            "--target", str(site), str(src)], env=env, capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert not (site / "kernels").exists(), "kernels/ must install under fasttx/, not as a top-level package"
+    env = dict(os.environ, PYTHONPATH=str(site))
+    fasttx_init, kernels_init = _import_paths(cwd=tmp_path, env=env)
+    assert fasttx_init == site / "fasttx" / "__init__.py"
+    assert kernels_init == site / "fasttx" / "kernels" / "__init__.py"
