@@ -7,7 +7,6 @@ and sm_90 and follow TORCH_CUDA_ARCH_LIST when it is set.
 """
 import glob
 import os
-import shutil
 
 from setuptools import setup
 
@@ -22,11 +21,15 @@ def _want_cuda():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    found = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script in
+    # /usr/local/bin makes that guess /usr/local, which has no CUDA headers.
+    toolkit = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
+    found = torch.version.cuda is not None and toolkit
     if forced == "1" and not found:
         raise RuntimeError(
             "FASTTX_BUILD_CUDA=1 but cannot build CUDA: "
-            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME} "
+            "(set CUDA_HOME to the toolkit, e.g. /usr/local/cuda)"
         )
     return found if forced is None or forced == "" else forced == "1"
 
@@ -57,7 +60,7 @@ def _extensions():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs + _cuda_include_dirs(),
         define_macros=[("FASTTX_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--threads", "0"]},
         extra_link_args=["-fopenmp"],
     )]
 
