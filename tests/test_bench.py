@@ -1,0 +1,90 @@
+"""Smoke test of the benchmark harness (bench/): a broken harness must fail CI.
+
+One tiny bias_gelu case, 3 rounds, 1 thread, this process's allocator: checks
+the files and fields are written, the numbers are positive, and the
+saved-for-backward accounting is exact.
+"""
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+from bench import harness
+from bench.ops import OPS
+
+M, N = 64, 128
+EXPECTED_PROVIDERS = {"eager", "compile", "fasttx-torch"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    docs = bench.run(ops=["bias_gelu"], level="smoke", cases={"bias_gelu": [{"shape": (M, N), "dtype": "float32",
+                                                                            "approximate": "tanh"}]},
+                     threads=[1], reps=3, out_dir=str(out), echo=False)
+    return out, docs["bias_gelu"]
+
+
+def test_json_has_metadata_roofline_and_rows(smoke):
+    out, _ = smoke
+    doc = json.loads((out / "cpu" / "bias_gelu.json").read_text())
+    assert doc["op"] == "bias_gelu" and doc["device"] == "cpu"
+    for key in ("date", "torch", "triton", "fasttx", "cpu_model"):
+        assert key in doc["meta"]
+    (run,) = doc["runs"]
+    assert run["threads"] == 1 and run["allocator"] in ("glibc", "tcmalloc")
+    assert run["roofline"]["copy"]["gbps"] > 0 and run["roofline"]["gemm"]["gflops"] > 0
+    providers = {r["provider"] for r in run["rows"]}
+    assert EXPECTED_PROVIDERS <= providers and "fasttx-triton" not in providers
+    assert {r["mode"] for r in run["rows"]} == {"fwd", "fwd+bwd"}
+
+
+def test_rows_are_measured_and_positive(smoke):
+    _, doc = smoke
+    rows = [r for r in doc["runs"][0]["rows"] if r["provider"] in EXPECTED_PROVIDERS]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["reps"] == 3 and len(r["times_ms"]) == 3
+        assert 0 < r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
+        assert r["gbps"] > 0 and r["pct_copy_bw"] > 0 and r["speedup"] > 0
+        assert r["speedup_q20"] <= r["speedup"] <= r["speedup_q80"]
+        assert r["peak_mem_bytes"] is None  # the CPU cannot tell; must not be faked
+        elem = 4
+        assert r["bytes"] == (2 if r["mode"] == "fwd" else 5) * M * N * elem
+
+
+def test_saved_for_backward_is_exact_for_eager(smoke):
+    _, doc = smoke
+    eager = {r["mode"]: r for r in doc["runs"][0]["rows"] if r["provider"] == "eager"}
+    assert eager["fwd+bwd"]["saved_bytes"] == M * N * 4  # F.gelu(x + b) keeps exactly x + b
+    assert eager["fwd"]["saved_bytes"] == 0  # no grad, nothing saved
+
+
+def test_saved_for_backward_counts_distinct_storages():
+    x = torch.randn(32, 16, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    _, saved = harness.saved_for_backward(lambda x, b: F.gelu(x + b), (x, b))
+    assert saved == 32 * 16 * 4
+    _, saved = harness.saved_for_backward(lambda x, b: x * x, (x, b))  # x saved twice, one storage
+    assert saved == 32 * 16 * 4
+
+
+def test_csv_matches_json(smoke):
+    out, doc = smoke
+    with open(out / "cpu" / "bias_gelu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(doc["runs"][0]["rows"])
+    for field in ("allocator", "threads", "shape", "dtype", "approximate", "mode", "provider", "median_ms",
+                  "q20_ms", "q80_ms", "gbps", "pct_copy_bw", "speedup", "saved_bytes"):
+        assert field in rows[0]
+    assert rows[0]["shape"] == f"{M}x{N}"
+    assert (out / "cpu" / "bias_gelu.png").exists()
+
+
+def test_every_op_sweep_keeps_its_key_case():
+    for spec in OPS.values():
+        for level in ("full", "quick"):
+            assert any(spec.is_key_case(c) for c in spec.sweep(level)), (spec.name, level)
