@@ -2,6 +2,8 @@
 // Dispatch, autograd and torch.library registration live in fasttx/ops.
 #include "ops.h"
 
+#include <torch/extension.h>
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttx C++/CUDA kernels";
 #ifdef FASTTX_WITH_CUDA

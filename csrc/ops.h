@@ -7,7 +7,9 @@
 // and again here with TORCH_CHECK as a last line of defence).
 #pragma once
 
-#include <torch/extension.h>
+// Only the Tensor type: torch/extension.h (Python, pybind11) would triple nvcc's
+// compile time, and only bindings.cpp needs it.
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 
