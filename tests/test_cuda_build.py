@@ -23,7 +23,8 @@ from torch.utils import cpp_extension
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted(Path(p).relative_to(ROOT).as_posix() for p in glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
 ARCHS = ("sm_80", "sm_90")  # setup.py DEFAULT_CUDA_ARCHS
-# What setup.py passes for "nvcc" plus what torch's BuildExtension adds to every CUDA source.
+# What setup.py passes for "nvcc" (less --threads, which would interleave the ptxas
+# reports of the two archs) plus what torch's BuildExtension adds to every CUDA source.
 SETUP_NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "-DFASTTX_WITH_CUDA=1"]
 TORCH_NVCC_FLAGS = cpp_extension.COMMON_NVCC_FLAGS + [
     "-std=c++20", "-Xcompiler", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
