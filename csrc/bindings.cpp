@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("bias_gelu_fwd_cpu", &fasttx::bias_gelu_fwd_cpu, "gelu(x + bias), CPU");
   m.def("bias_gelu_bwd_cpu", &fasttx::bias_gelu_bwd_cpu, "bias_gelu backward, CPU");
+  m.def("layer_norm_fwd_cpu", &fasttx::layer_norm_fwd_cpu, "layer/rms/add-layer norm forward, CPU");
+  m.def("layer_norm_bwd_cpu", &fasttx::layer_norm_bwd_cpu, "layer/rms/add-layer norm backward, CPU");
 #ifdef FASTTX_WITH_CUDA
   m.def("bias_gelu_fwd_cuda", &fasttx::bias_gelu_fwd_cuda, "gelu(x + bias), CUDA");
   m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");

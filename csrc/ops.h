@@ -11,6 +11,7 @@
 // compile time, and only bindings.cpp needs it.
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace fasttx {
@@ -22,6 +23,29 @@ namespace fasttx {
 at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& bias, int64_t approximate);
+
+// Row normalization of (M, N): layer_norm, rms_norm (rms=true: no mean is
+// subtracted, no bias) and add_layer_norm (residual given).
+//   s = x (+ residual);  y = (s - mean) * rstd * weight + bias
+// Returns (y, s, mean, rstd). s is returned only when residual is given
+// (else undefined, i.e. None in Python); mean is undefined when rms; mean and
+// rstd have shape (M,), in float32 (float64 when x is float64, so that
+// gradcheck works). Statistics accumulate in the same type, with
+// csrc/common/welford.h.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool rms);
+// Backward. s is the normalized input (x, or x + residual) saved by the
+// forward. grad_s, when given, is the gradient arriving at add_layer_norm's
+// second output and is added into grad_input. Returns (grad_input,
+// grad_weight, grad_bias); grad_weight/grad_bias are undefined when weight is
+// absent / has_bias is false, and are reduced over rows through fp32
+// partials in a fixed order (bitwise deterministic).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& s,
+    const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    bool has_bias, bool rms);
+
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
