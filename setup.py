@@ -77,7 +77,7 @@ setup(
     description="Hand-written Triton, CUDA and C++ kernels for Transformers",
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
-    packages=["fasttx", "fasttx.ops", "fasttx.kernels"],
+    packages=["fasttx", "fasttx.ops", "fasttx.nn", "fasttx.kernels"],
     package_dir={"fasttx.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),

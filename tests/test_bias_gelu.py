@@ -7,7 +7,7 @@ import fasttx
 from fasttx import backends
 from fasttx.ops.bias_gelu import IMPLEMENTATIONS
 
-from backend_params import device_backend_params, skip_unless_runnable
+from backend_params import device_backend_params, skip_unless_free_memory, skip_unless_runnable
 from tolerance import assert_within_torch_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -100,17 +100,10 @@ def test_gradcheck_float64_cpu(approximate):
         assert torch.autograd.gradcheck(lambda a, b: fasttx.bias_gelu(a, b, approximate), (x, bias))
 
 
-def _free_memory_gib():
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) / 2**20
-
-
 def test_indices_past_2_31_cpu():
     """Rows x N > 2^31 elements: a 32-bit offset would wrap and write the wrong rows."""
     skip_unless_runnable("cpu", "cpu")
-    if _free_memory_gib() < 16:
-        pytest.skip(f"needs 16 GiB free, have {_free_memory_gib():.1f}")
+    skip_unless_free_memory(16)
     ext = backends.extension()
     n = 1024
     m = 2**31 // n + 3

@@ -1,0 +1,4 @@
+"""Drop-in modules with the exact constructors and parameter names of the torch modules they replace."""
+from fasttx.nn.normalization import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

@@ -1,0 +1,244 @@
+"""layer_norm, add_layer_norm and rms_norm: one fused row normalization.
+
+The three ops share one kernel family per backend (so far cpu, and torch as
+the reference): an optional residual add, then mean/variance (LayerNorm) or
+mean square (RMSNorm) in fp32 or better, then the affine transform, in one
+read and one write of each element. The backward
+recomputes the normalized row from the saved input and rstd (never storing
+it), and sums dweight/dbias through fixed per-chunk partials so that it is
+bitwise deterministic.
+
+Eager add + LayerNorm moves 5 elements per element forward (read x, r; write
+s; read s; write y) and 6 backward; fused it is 4 and 4.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fasttx import backends
+from fasttx.ops._checks import check_float, check_same, check_tensor
+
+ShapeLike = Union[int, Sequence[int], torch.Size]
+
+
+# ---- references: plain PyTorch --------------------------------------------------
+
+def layer_norm_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def add_layer_norm_ref(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    s = x + residual
+    return F.layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
+def rms_norm_ref(x, normalized_shape, weight=None, eps=None):
+    return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+# ---- the torch backend: the kernels' contract, written in PyTorch ------------------
+# Rows of a 2-D (M, N) input; statistics in fp32 (fp64 for double), as the kernels do.
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_forward(x, residual, weight, bias, eps, rms):
+    s = x + residual if residual is not None else x
+    sa = s.to(_acc_dtype(x.dtype))
+    if rms:
+        mean = None
+        rstd = torch.rsqrt(sa.square().mean(-1) + eps)
+        xhat = sa * rstd[:, None]
+    else:
+        mean = sa.mean(-1)
+        centred = sa - mean[:, None]
+        rstd = torch.rsqrt(centred.square().mean(-1) + eps)
+        xhat = centred * rstd[:, None]
+    y = xhat * weight.to(sa.dtype) if weight is not None else xhat
+    y = y + bias.to(sa.dtype) if bias is not None else y
+    return y.to(x.dtype), (s if residual is not None else None), mean, rstd
+
+
+def _torch_backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms):
+    acc = rstd.dtype
+    sa, gy = s.to(acc), grad_y.to(acc)
+    xhat = (sa if rms else sa - mean[:, None]) * rstd[:, None]
+    g = gy * weight.to(acc) if weight is not None else gy
+    proj = (g * xhat).mean(-1, keepdim=True)
+    centred_g = g - proj * xhat if rms else g - g.mean(-1, keepdim=True) - proj * xhat
+    grad_input = centred_g * rstd[:, None]
+    if grad_s is not None:
+        grad_input = grad_input + grad_s.to(acc)
+    grad_weight = (gy * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    grad_bias = gy.sum(0).to(weight.dtype) if has_bias else None
+    return grad_input.to(s.dtype), grad_weight, grad_bias
+
+
+def _cpu_forward(*args):
+    return backends.extension().layer_norm_fwd_cpu(*args)
+
+
+def _cpu_backward(*args):
+    return backends.extension().layer_norm_bwd_cpu(*args)
+
+
+def _device_only(backend):
+    return lambda x: backends.device_reason(backend, x.device)
+
+
+# The Triton and CUDA kernels of this family are not written yet: the list
+# says so, and a forced triton/cuda backend raises instead of pretending.
+IMPLEMENTATIONS = (
+    backends.Implementation("cpu", _cpu_forward, _cpu_backward, _device_only("cpu")),
+    backends.Implementation("torch", _torch_forward, _torch_backward, _device_only("torch")),
+)
+
+
+def _op_name(residual, rms):
+    return "rms_norm" if rms else ("add_layer_norm" if residual is not None else "layer_norm")
+
+
+# ---- torch.library registration ---------------------------------------------------
+# Absent outputs are returned as empty tensors: custom ops cannot return None.
+
+def _empty(t: Tensor, dtype=None) -> Tensor:
+    return t.new_empty(0, dtype=dtype)
+
+
+@torch.library.custom_op("fasttx::norm_forward", mutates_args=())
+def _norm_forward_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                     eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.choose(_op_name(residual, rms), IMPLEMENTATIONS, backend, x)
+    acc = _acc_dtype(x.dtype)
+    if x.numel() == 0:
+        s = x + residual if residual is not None else _empty(x)
+        stats = x.new_zeros(x.shape[0], dtype=acc)
+        return x.new_empty(x.shape), s, (_empty(x, acc) if rms else stats), stats.clone()
+    y, s, mean, rstd = impl.forward(x, residual, weight, bias, eps, rms)
+    return y, (s if s is not None else _empty(x)), (mean if mean is not None else _empty(x, acc)), rstd
+
+
+@_norm_forward_op.register_fake
+def _(x, residual, weight, bias, eps, rms, backend):
+    acc = _acc_dtype(x.dtype)
+    s = x.new_empty(x.shape) if residual is not None else _empty(x)
+    mean = _empty(x, acc) if rms else x.new_empty(x.shape[0], dtype=acc)
+    return x.new_empty(x.shape), s, mean, x.new_empty(x.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fasttx::norm_backward", mutates_args=())
+def _norm_backward_op(grad_y: Tensor, grad_s: Optional[Tensor], s: Tensor, mean: Optional[Tensor], rstd: Tensor,
+                      weight: Optional[Tensor], has_bias: bool, rms: bool,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.choose(_op_name(grad_s, rms), IMPLEMENTATIONS, backend, s)
+    if s.numel() == 0:
+        grad_input = s.new_empty(s.shape)
+        grad_weight = torch.zeros_like(weight) if weight is not None else _empty(s)
+        return grad_input, grad_weight, (torch.zeros_like(weight) if has_bias else _empty(s))
+    # Autograd hands over grads of any layout (a stride-0 expand from .sum(), say).
+    grad_y = grad_y.contiguous()
+    grad_s = grad_s.contiguous() if grad_s is not None else None
+    grad_input, grad_weight, grad_bias = impl.backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms)
+    return (grad_input, grad_weight if grad_weight is not None else _empty(s),
+            grad_bias if grad_bias is not None else _empty(s))
+
+
+@_norm_backward_op.register_fake
+def _(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms, backend):
+    grad_weight = weight.new_empty(weight.shape) if weight is not None else _empty(s)
+    grad_bias = weight.new_empty(weight.shape) if has_bias else _empty(s)
+    return s.new_empty(s.shape), grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, rms, backend = inputs
+    y, s, mean, rstd = output
+    ctx.save_for_backward(s if residual is not None else x, mean, rstd, weight)
+    ctx.has_residual, ctx.has_bias, ctx.rms, ctx.backend = residual is not None, bias is not None, rms, backend
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # add_layer_norm's s often has no gradient; don't add zeros
+
+
+def _backward(ctx, grad_y, grad_s, _grad_mean, _grad_rstd):
+    s, mean, rstd, weight = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(s)
+    grad_input, grad_weight, grad_bias = _norm_backward_op(
+        grad_y, grad_s if ctx.has_residual else None, s, None if ctx.rms else mean, rstd,
+        weight, ctx.has_bias, ctx.rms, ctx.backend)
+    return (grad_input, grad_input if ctx.has_residual else None,
+            grad_weight if weight is not None else None, grad_bias if ctx.has_bias else None, None, None, None)
+
+
+_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------
+
+def _normalized_shape(normalized_shape: ShapeLike) -> tuple:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(d) for d in normalized_shape)
+
+
+def _check_and_flatten(op, x, normalized_shape, weight, bias):
+    """Validate, and view x as rows (M, N) with N = prod(normalized_shape)."""
+    check_tensor(op, "x", x)
+    check_float(op, "x", x)
+    shape = _normalized_shape(normalized_shape)
+    if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(f"fasttx.{op}: normalized_shape {shape} must be a non-empty suffix of the shape of x "
+                         f"{tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(op, name, t)
+        check_same(op, name, t, "x", x)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"fasttx.{op}: {name} must have shape normalized_shape = {shape}, got {tuple(t.shape)}")
+    n = math.prod(shape)
+    rows = math.prod(x.shape[:x.dim() - len(shape)])
+    flat = lambda t: t.reshape(n).contiguous() if t is not None else None
+    return x.reshape(rows, n).contiguous(), flat(weight), flat(bias)
+
+
+def layer_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.layer_norm``, fused."""
+    x2d, w, b = _check_and_flatten("layer_norm", x, normalized_shape, weight, bias)
+    y, _, _, _ = _norm_forward_op(x2d, None, w, b, float(eps), False, backends.requested_backend())
+    return y.view(x.shape)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """``(layer_norm(x + residual), x + residual)`` in one pass over memory."""
+    op = "add_layer_norm"
+    check_tensor(op, "residual", residual)
+    x2d, w, b = _check_and_flatten(op, x, normalized_shape, weight, bias)
+    check_same(op, "residual", residual, "x", x)
+    if residual.shape != x.shape:
+        raise ValueError(f"fasttx.{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    y, s, _, _ = _norm_forward_op(x2d, residual.reshape(x2d.shape).contiguous(), w, b, float(eps), False,
+                                  backends.requested_backend())
+    return y.view(x.shape), s.view(x.shape)
+
+
+def rms_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """``torch.nn.functional.rms_norm``, fused.
+
+    ``eps=None`` means the machine epsilon of the type the statistics are
+    computed in (float32 for float16/bfloat16 inputs), which is what torch does.
+    """
+    x2d, w, _ = _check_and_flatten("rms_norm", x, normalized_shape, weight, None)
+    eps = torch.finfo(_acc_dtype(x.dtype)).eps if eps is None else float(eps)
+    y, _, _, _ = _norm_forward_op(x2d, None, w, None, eps, True, backends.requested_backend())
+    return y.view(x.shape)

@@ -1,0 +1,262 @@
+"""layer_norm, add_layer_norm and rms_norm against PyTorch, in every backend, plus the nn modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fasttx
+from fasttx import backends
+
+from backend_params import device_backend_params as all_device_backend_params
+from backend_params import skip_unless_free_memory, skip_unless_runnable
+from tolerance import assert_within_torch_error
+
+# The family has cpu and torch backends so far; triton and cuda are not written yet.
+def device_backend_params():
+    return all_device_backend_params(cuda_backends=("torch",))
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HIDDEN = [1, 7, 768, 1000, 1537, 4096, 8192]
+OPS = ["layer_norm", "add_layer_norm", "rms_norm"]
+# Explicit: eps=None means finfo(dtype).eps, which differs between the dtype under test and the fp64 truth.
+RMS_EPS = 1e-6
+
+
+def _fasttx(op, affine):
+    if op == "layer_norm":
+        return lambda x, r, w, b: (fasttx.layer_norm(x, x.shape[-1:], w, b),)
+    if op == "add_layer_norm":
+        return lambda x, r, w, b: fasttx.add_layer_norm(x, r, x.shape[-1:], w, b)
+    return lambda x, r, w, b: (fasttx.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
+
+
+def _torch(op):
+    if op == "layer_norm":
+        return lambda x, r, w, b: (F.layer_norm(x, x.shape[-1:], w, b),)
+    if op == "add_layer_norm":
+        return lambda x, r, w, b: (F.layer_norm(x + r, x.shape[-1:], w, b), x + r)
+    return lambda x, r, w, b: (F.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
+
+
+def _run(fn, inputs, grads, cast=None):
+    leaves = [None if t is None else (t.to(cast) if cast else t).detach().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    torch.autograd.backward(outs, [g.to(cast) if cast else g for g in grads[:len(outs)]])
+    return [o.detach() for o in outs], [None if t is None else t.grad for t in leaves]
+
+
+def check_against_reference(device, backend, op, x, affine=True, residual_needed=None):
+    dtype, n = x.dtype, x.shape[-1]
+    r = torch.randn_like(x) if op == "add_layer_norm" else None
+    w = 1 + 0.5 * torch.randn(n, device=device, dtype=dtype) if affine else None
+    b = 0.5 * torch.randn(n, device=device, dtype=dtype) if affine and op != "rms_norm" else None
+    grads = [torch.randn(x.shape, device=device, dtype=dtype) for _ in range(2)]
+    with fasttx.use_backend(backend):
+        outs, in_grads = _run(_fasttx(op, affine), [x, r, w, b], grads)
+    truth_outs, truth_grads = _run(_torch(op), [x, r, w, b], grads, cast=torch.float64)
+    torch_outs, torch_grads = _run(_torch(op), [x, r, w, b], grads)
+    for i, (o, t, p) in enumerate(zip(outs, truth_outs, torch_outs)):
+        assert_within_torch_error(o, t, p, factor=2, what=f"{op} {backend} {dtype} output {i}")
+    for name, o, t, p in zip("x residual weight bias".split(), in_grads, truth_grads, torch_grads):
+        if t is not None:
+            assert_within_torch_error(o, t, p, factor=3, what=f"{op} {backend} {dtype} grad {name}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", HIDDEN)
+def test_matches_reference(device, backend, op, dtype, n):
+    skip_unless_runnable(device, backend)
+    torch.manual_seed(n)
+    x = torch.randn((3, n) if n >= 4096 else (2, 5, n), device=device, dtype=dtype)
+    check_against_reference(device, backend, op, x)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["rank1", "rank4", "no_affine", "transposed", "strided", "broadcast", "large_mean"])
+def test_layouts_and_awkward_inputs(device, backend, op, layout):
+    skip_unless_runnable(device, backend)
+    torch.manual_seed(0)
+    make = {
+        "rank1": lambda: torch.randn(77, device=device),
+        "rank4": lambda: torch.randn(2, 3, 4, 77, device=device),
+        "no_affine": lambda: torch.randn(9, 77, device=device),
+        "transposed": lambda: torch.randn(77, 33, device=device).t(),
+        "strided": lambda: torch.randn(12, 20, 3 * 31, device=device)[::3, ::5, ::3],
+        "broadcast": lambda: torch.randn(1, 100, device=device).expand(9, 100),
+        # |mean| >> std: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance
+        "large_mean": lambda: 1e4 + torch.randn(5, 1000, device=device),
+    }
+    check_against_reference(device, backend, op, make[layout](), affine=layout != "no_affine")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_default_eps_is_the_dtype_epsilon(dtype):
+    x = torch.randn(4, 1, dtype=dtype)  # N = 1: the eps term dominates mean(x^2) for small x
+    torch.testing.assert_close(fasttx.rms_norm(x * 1e-2, 1), F.rms_norm(x * 1e-2, (1,)))
+
+
+def test_normalized_shape_spanning_several_dims():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 10, requires_grad=True)
+    w = torch.randn(6, 10, requires_grad=True)
+    b = torch.randn(6, 10, requires_grad=True)
+    y = fasttx.layer_norm(x, (6, 10), w, b)
+    torch.testing.assert_close(y, F.layer_norm(x, (6, 10), w, b))
+    torch.testing.assert_close(fasttx.rms_norm(x, [6, 10], w), F.rms_norm(x, [6, 10], w))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(0, 16), (4, 0, 16), (3, 0)], ids=str)
+def test_empty(device, backend, op, shape):
+    skip_unless_runnable(device, backend)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.randn(shape[-1], device=device, requires_grad=True)
+    with fasttx.use_backend(backend):
+        outs = _fasttx(op, True)(x, torch.zeros_like(x), w, None)
+    expected = _torch(op)(x, torch.zeros_like(x), w, None)
+    for o, e in zip(outs, expected):
+        assert o.shape == e.shape
+    sum(o.sum() for o in outs).backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", OPS)
+def test_backward_is_deterministic(device, backend, op):
+    skip_unless_runnable(device, backend)
+    torch.manual_seed(0)
+    x = torch.randn(4099, 1537, device=device)
+    r, w, b = torch.randn_like(x), torch.randn(1537, device=device), torch.randn(1537, device=device)
+    grads = [torch.randn_like(x), torch.randn_like(x)]
+    with fasttx.use_backend(backend):
+        first = _run(_fasttx(op, True), [x, r, w, b], grads)
+        second = _run(_fasttx(op, True), [x, r, w, b], grads)
+    for a, c in zip(first[0] + first[1], second[0] + second[1]):
+        assert (a is None and c is None) or torch.equal(a, c)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_float64_cpu(op):
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    x, r = torch.randn(5, 37, dtype=torch.float64), torch.randn(5, 37, dtype=torch.float64)
+    w, b = torch.randn(37, dtype=torch.float64), torch.randn(37, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, r, w, b)]
+    fn = _fasttx(op, True)
+    with fasttx.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda x, r, w, b: fn(x, r, w, b if op != "rms_norm" else None), inputs)
+
+
+def test_indices_past_2_31_cpu():
+    """rows x N > 2^31 elements: a 32-bit offset would wrap into the wrong rows."""
+    skip_unless_runnable("cpu", "cpu")
+    skip_unless_free_memory(16)
+    ext = backends.extension()
+    n = 4096
+    m = 2**31 // n + 3
+    row = torch.randn(1, n, dtype=torch.bfloat16)
+    w = torch.randn(n, dtype=torch.bfloat16)
+    x = row.expand(m, n).contiguous()
+    y, _, mean, rstd = ext.layer_norm_fwd_cpu(x, None, w, None, 1e-5, False)
+    expected = F.layer_norm(row.float(), (n,), w.float())
+    torch.testing.assert_close(y[-3:].float(), expected.expand(3, n), rtol=2e-2, atol=2e-2)
+    del y
+    grad_input, grad_weight, _ = ext.layer_norm_bwd_cpu(x, None, x, mean, rstd, w, False, False)
+    assert torch.equal(grad_input[-1], grad_input[0])
+
+
+# ---- modules -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}])
+def test_layer_norm_module_is_a_drop_in(kwargs):
+    torch.manual_seed(0)
+    ours, theirs = fasttx.nn.LayerNorm((4, 8), **kwargs), torch.nn.LayerNorm((4, 8), **kwargs)
+    assert repr(ours) == repr(theirs)
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(3, 4, 8)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"eps": 1e-6}])
+def test_rms_norm_module_is_a_drop_in(kwargs):
+    ours, theirs = fasttx.nn.RMSNorm(8, **kwargs), torch.nn.RMSNorm(8, **kwargs)
+    assert repr(ours) == repr(theirs)
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_modules_take_device_and_dtype():
+    m = fasttx.nn.LayerNorm(8, device="meta", dtype=torch.bfloat16)
+    assert m.weight.device.type == "meta" and m.weight.dtype == torch.bfloat16
+
+
+# ---- bad input -------------------------------------------------------------------
+
+def test_normalized_shape_must_match_the_trailing_dims():
+    with pytest.raises(ValueError, match=r"normalized_shape \(5,\) must be a non-empty suffix .*\(4, 8\)"):
+        fasttx.layer_norm(torch.randn(4, 8), (5,))
+
+
+def test_weight_of_wrong_shape_names_it():
+    with pytest.raises(ValueError, match=r"weight must have shape normalized_shape = \(8,\), got \(7,\)"):
+        fasttx.rms_norm(torch.randn(4, 8), 8, torch.randn(7))
+
+
+def test_residual_of_wrong_shape_names_it():
+    with pytest.raises(ValueError, match=r"residual must have the shape of x \(4, 8\), got \(1, 8\)"):
+        fasttx.add_layer_norm(torch.randn(4, 8), torch.randn(1, 8), 8)
+
+
+def test_integer_input_is_rejected():
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64, got torch.int32"):
+        fasttx.layer_norm(torch.ones(4, 8, dtype=torch.int32), 8)
+
+
+def test_mismatched_weight_device_is_rejected():
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        fasttx.layer_norm(torch.randn(4, 8), 8, torch.randn(8, device="meta"))
+
+
+# ---- torch.library and torch.compile ------------------------------------------------
+
+def test_forced_backend_without_a_kernel_says_so():
+    with fasttx.use_backend("triton"), pytest.raises(fasttx.BackendUnavailableError, match="no 'triton' implementation"):
+        fasttx.layer_norm(torch.randn(2, 8), 8)
+
+
+def test_opcheck():
+    x = torch.randn(6, 33, requires_grad=True)
+    r = torch.randn(6, 33, requires_grad=True)
+    w = torch.randn(33, requires_grad=True)
+    b = torch.randn(33, requires_grad=True)
+    for args in [(x, None, w, b, 1e-5, False), (x, r, w, b, 1e-5, False), (x, None, w, None, 1e-6, True),
+                 (x, None, None, None, 1e-5, False)]:
+        torch.library.opcheck(torch.ops.fasttx.norm_forward.default, args + ("auto",))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    def block(x, r, w, b):
+        y, s = fasttx.add_layer_norm(x, r, 64, w, b)
+        return (fasttx.rms_norm(y, 64, w) + s).sum(-1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    inputs = [torch.randn(5, 64, requires_grad=True), torch.randn(5, 64, requires_grad=True),
+              torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)]
+    out = compiled(*inputs)
+    out.sum().backward()
+    grads = [t.grad for t in inputs]
+    for t in inputs:
+        t.grad = None
+    expected = block(*inputs)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, [t.grad for t in inputs])
