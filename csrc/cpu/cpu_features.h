@@ -1,0 +1,47 @@
+// What the CPU kernels may assume about the machine they run on, and the
+// allocation policy they share.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+
+#include <cstdint>
+
+namespace fasttx {
+
+// The vector ISA the kernels of cpu/vec/isa_begin.h regions may use here.
+enum class CpuIsa { kScalar, kAvx2, kAvx512 };
+
+// Where those regions are compiled at all (x86-64, GCC).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTTX_HAVE_VEC_ISAS 1
+#endif
+
+// Follows ATen's choice, which honours ATEN_CPU_CAPABILITY=avx2|default: the
+// tests use it to run the AVX2 and the portable kernels on any machine.
+inline CpuIsa cpu_isa() {
+#ifdef FASTTX_HAVE_VEC_ISAS
+  static const CpuIsa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return CpuIsa::kAvx512;
+    if (cap == "AVX2") return CpuIsa::kAvx2;
+    return CpuIsa::kScalar;
+  }();
+  return isa;
+#else
+  return CpuIsa::kScalar;
+#endif
+}
+
+// Outputs of at least this size are written with streaming stores (see
+// cpu/vec/io.h): too big to stay in cache, so reading each line before
+// overwriting it would only add traffic.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// A fresh output tensor for a kernel that writes all of it. Above glibc's
+// 32 MB mmap threshold a fresh block costs one page fault per 4 KB on first
+// touch; asking for transparent huge pages (THP "madvise" mode) cuts that
+// 512-fold. Advisory only: if it fails, 4 KB pages are used.
+at::Tensor empty_output(const at::Tensor& like);
+
+}  // namespace fasttx

@@ -1,0 +1,9 @@
+// layer_norm_vec.h compiled for AVX2 (see cpu/vec/isa_begin.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#define FASTTX_ISA_AVX2 1
+#include "cpu/vec/isa_begin.h"
+#include "cpu/layer_norm_vec.h"
+#include "cpu/vec/isa_end.h"

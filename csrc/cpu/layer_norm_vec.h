@@ -1,0 +1,183 @@
+// The norm family's row kernels in at::vec, for one vector ISA: include this
+// inside a cpu/vec/isa_begin.h region (layer_norm_avx2.cpp, _avx512.cpp).
+//
+// Memory is the limit (a few flops per byte), so each kernel reads its inputs
+// and writes its outputs once: a row comes from memory once and the later
+// passes over it (statistics, then normalization) hit L1/L2. Statistics come
+// from per-chunk moments merged with Chan's formula (csrc/common/welford.h),
+// accurate when |mean| >> std.
+#pragma once
+
+#ifdef FASTTX_ISA
+#include <cmath>
+
+#include "common/welford.h"
+#include "cpu/layer_norm_driver.h"
+#include "cpu/layer_norm_kernels.h"
+#include "cpu/vec/io.h"
+
+namespace fasttx {
+namespace FASTTX_ISA {
+namespace {
+
+constexpr int64_t kVecChunk = 512;  // elements per exact-moment chunk: a few KB, in L1
+
+// Exact-ish moments of v[0, len): the chunk mean from a vector sum, then the
+// centred sum of squares about it (two passes over an L1-resident chunk).
+// Four accumulators hide the add latency; the tail lanes are masked.
+template <typename A>
+Welford<double> chunk_moments(const A* v, int64_t len) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V a0(0), a1(0), a2(0), a3(0);
+  int64_t j = 0;
+  for (; j + 4 * W <= len; j += 4 * W) {
+    a0 += V::loadu(v + j); a1 += V::loadu(v + j + W); a2 += V::loadu(v + j + 2 * W); a3 += V::loadu(v + j + 3 * W);
+  }
+  for (; j < len; j += W) a0 += V::loadu(v + j, std::min(W, len - j));  // loadu(p, k) zero-fills
+  const double mean = lane_sum((a0 + a1) + (a2 + a3)) / double(len);
+  const V vm(static_cast<A>(mean));
+  V q0(0), q1(0), q2(0), q3(0);
+  j = 0;
+  for (; j + 4 * W <= len; j += 4 * W) {
+    V d0 = V::loadu(v + j) - vm, d1 = V::loadu(v + j + W) - vm;
+    V d2 = V::loadu(v + j + 2 * W) - vm, d3 = V::loadu(v + j + 3 * W) - vm;
+    q0 = at::vec::fmadd(d0, d0, q0); q1 = at::vec::fmadd(d1, d1, q1);
+    q2 = at::vec::fmadd(d2, d2, q2); q3 = at::vec::fmadd(d3, d3, q3);
+  }
+  for (; j < len; j += W) {
+    const int64_t k = std::min(W, len - j);
+    const V d = V::set(V(0), V::loadu(v + j, k) - vm, k);  // lanes past the row stay 0
+    q0 = at::vec::fmadd(d, d, q0);
+  }
+  // The chunk mean was rounded to A; correct M2 for the offset (exact in double).
+  const double shift = double(static_cast<A>(mean)) - mean;
+  const double m2 = lane_sum((q0 + q1) + (q2 + q3)) - double(len) * shift * shift;
+  return {mean, std::max(m2, 0.0), double(len)};
+}
+
+template <typename A>
+double chunk_sum_squares(const A* v, int64_t len) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V q0(0), q1(0), q2(0), q3(0);
+  int64_t j = 0;
+  for (; j + 4 * W <= len; j += 4 * W) {
+    V d0 = V::loadu(v + j), d1 = V::loadu(v + j + W), d2 = V::loadu(v + j + 2 * W), d3 = V::loadu(v + j + 3 * W);
+    q0 = at::vec::fmadd(d0, d0, q0); q1 = at::vec::fmadd(d1, d1, q1);
+    q2 = at::vec::fmadd(d2, d2, q2); q3 = at::vec::fmadd(d3, d3, q3);
+  }
+  for (; j < len; j += W) {
+    const V d = V::loadu(v + j, std::min(W, len - j));
+    q0 = at::vec::fmadd(d, d, q0);
+  }
+  return lane_sum((q0 + q1) + (q2 + q3));
+}
+
+struct VecRows {
+  // Rows [r0, r1). `row` is a scratch row of n opmath values, used when the row
+  // must be converted (half/bfloat16) or summed with the residual first.
+  template <typename T>
+  static void forward_rows(const T* x, const T* res, const T* w, const T* b, T* y, T* s, at::opmath_type<T>* mean_out,
+                           at::opmath_type<T>* rstd_out, int64_t r0, int64_t r1, int64_t n, double eps, bool rms,
+                           bool stream, at::opmath_type<T>* row) {
+    using IO = Io<T>;
+    using A = typename IO::A;
+    using V = typename IO::V;
+    constexpr int64_t W = IO::W;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = r * n;
+      const A* v = row;
+      if (res) {
+        // s is rounded to T before the statistics: the backward reads the stored
+        // s back, and (s - mean) must match, or rstd amplifies the rounding.
+        IO::for_each_vector(s + off, n, [&](int64_t j, int64_t k) {
+          const V sv = IO::load(x + off + j, k) + IO::load(res + off + j, k);
+          IO::store(s + off + j, sv, k, stream);
+          IO::round_to_storage(sv).store(row + j, k);
+        });
+      } else if constexpr (std::is_same_v<T, A>) {
+        v = x + off;  // already opmath: read it in place, it stays in cache
+      } else {
+        for (int64_t j = 0; j < n; j += W) IO::load(x + off + j, std::min(W, n - j)).store(row + j, std::min(W, n - j));
+      }
+      double mean = 0, var;
+      if (rms) {
+        double sq = 0;
+        for (int64_t c = 0; c < n; c += kVecChunk) sq += chunk_sum_squares(v + c, std::min(kVecChunk, n - c));
+        var = sq / double(n);
+      } else {
+        Welford<double> m = welford_init<double>();
+        for (int64_t c = 0; c < n; c += kVecChunk)
+          m = welford_merge_scalar(m, chunk_moments(v + c, std::min(kVecChunk, n - c)));
+        mean = m.mean;
+        var = m.m2 / double(n);
+        mean_out[r] = A(mean);
+      }
+      const A rstd = A(1.0 / std::sqrt(var + eps));
+      rstd_out[r] = rstd;
+      const V vmean(static_cast<A>(mean)), vrstd(rstd);
+      IO::for_each_vector(y + off, n, [&](int64_t j, int64_t k) {
+        V o = (V::loadu(v + j, k) - vmean) * vrstd;
+        if (w && b) o = at::vec::fmadd(o, IO::load(w + j, k), IO::load(b + j, k));
+        else if (w) o = o * IO::load(w + j, k);
+        else if (b) o = o + IO::load(b + j, k);
+        IO::store(y + off + j, o, k, stream);
+      });
+    }
+    _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
+  }
+
+
+  // One part = a fixed range of rows [r0, r1): it writes grad_input for its rows
+  // and accumulates its own dweight/dbias partial rows, so the reduction order
+  // never depends on the thread count. Two passes per row, the second over data
+  // the first left in L1/L2: the row sums, then grad_input.
+  template <typename T>
+  static void backward_part(const T* gy, const T* gs, const T* s, const at::opmath_type<T>* mean,
+                            const at::opmath_type<T>* rstd, const T* w, T* gx, at::opmath_type<T>* dw,
+                            at::opmath_type<T>* db, int64_t r0, int64_t r1, int64_t n, bool rms, bool stream) {
+    using IO = Io<T>;
+    using A = typename IO::A;
+    using V = typename IO::V;
+    if (dw) std::fill(dw, dw + n, A(0));
+    if (db) std::fill(db, db + n, A(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t off = r * n;
+      const V mu(rms ? A(0) : mean[r]), rs(rstd[r]);
+      V sum_g(0), sum_gx(0);
+      IO::for_each_vector(gx + off, n, [&](int64_t j, int64_t k) {
+        const V dy = IO::load(gy + off + j, k);
+        const V xhat = (IO::load(s + off + j, k) - mu) * rs;
+        const V g = w ? dy * IO::load(w + j, k) : dy;
+        sum_g += g;  // tail lanes load as 0, so they add nothing
+        sum_gx = at::vec::fmadd(g, xhat, sum_gx);
+        if (dw) at::vec::fmadd(dy, xhat, V::loadu(dw + j, k)).store(dw + j, k);
+        if (db) (V::loadu(db + j, k) + dy).store(db + j, k);
+      });
+      const V mean_g(rms ? A(0) : A(lane_sum(sum_g) / double(n))), mean_gx(A(lane_sum(sum_gx) / double(n)));
+      IO::for_each_vector(gx + off, n, [&](int64_t j, int64_t k) {
+        const V dy = IO::load(gy + off + j, k);
+        const V xhat = (IO::load(s + off + j, k) - mu) * rs;
+        const V g = w ? dy * IO::load(w + j, k) : dy;
+        V o = (g - mean_g - xhat * mean_gx) * rs;
+        if (gs) o = o + IO::load(gs + off + j, k);
+        IO::store(gx + off + j, o, k, stream);
+      });
+    }
+    _mm_sfence();  // as in forward_rows
+  }
+
+  template <typename T>
+  static void sum_partials(const at::opmath_type<T>* partial, int64_t parts, int64_t n, T* out) {
+    FASTTX_ISA::sum_partials<T>(partial, parts, n, out);
+  }
+};
+
+}  // namespace
+
+const NormKernels norm = norm_driver::kernels<VecRows>();
+
+}  // namespace FASTTX_ISA
+}  // namespace fasttx
+#endif  // FASTTX_ISA

@@ -1,0 +1,62 @@
+"""The CPU kernel sets this machine does not pick: AVX2 on an AVX-512 machine, and the portable ones.
+
+csrc/cpu picks its kernels by the capability ATen reports (cpu/cpu_features.h).
+ATEN_CPU_CAPABILITY lowers it, so a child process runs the lower sets on this
+machine, against the same PyTorch references, in float64 for tight bounds.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHILD = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    import fasttx
+    import sys
+    assert torch.backends.cpu.get_cpu_capability() == sys.argv[1], torch.backends.cpu.get_cpu_capability()
+    torch.manual_seed(0)
+    with fasttx.use_backend("cpu"):
+        for n in (1, 7, 1000, 1537):
+            x = torch.randn(5, n, dtype=torch.float64, requires_grad=True)
+            r = torch.randn(5, n, dtype=torch.float64, requires_grad=True)
+            w = torch.randn(n, dtype=torch.float64, requires_grad=True)
+            b = torch.randn(n, dtype=torch.float64, requires_grad=True)
+            g = torch.randn(5, n, dtype=torch.float64)
+            cases = [
+                (lambda: fasttx.bias_gelu(x, b), lambda: F.gelu(x + b)),
+                (lambda: fasttx.bias_gelu(x, b, "tanh"), lambda: F.gelu(x + b, approximate="tanh")),
+                (lambda: fasttx.layer_norm(x, (n,), w, b), lambda: F.layer_norm(x, (n,), w, b)),
+                (lambda: fasttx.add_layer_norm(x, r, (n,), w, b)[0], lambda: F.layer_norm(x + r, (n,), w, b)),
+                (lambda: fasttx.rms_norm(x, (n,), w, 1e-6), lambda: F.rms_norm(x, (n,), w, 1e-6)),
+            ]
+            for ours, ref in cases:
+                got = torch.autograd.grad(ours(), (x, r, w, b), g, allow_unused=True)
+                want = torch.autograd.grad(ref(), (x, r, w, b), g, allow_unused=True)
+                torch.testing.assert_close(ours(), ref(), rtol=1e-10, atol=1e-10)
+                for a, e in zip(got, want):
+                    assert (a is None) == (e is None)
+                    if a is not None:
+                        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+    print("fallbacks ok")
+""")
+
+
+# ATEN_CPU_CAPABILITY value -> what torch then reports, from the highest down.
+LOWER_CAPABILITIES = {"avx2": "AVX2", "default": "DEFAULT"}
+
+
+@pytest.mark.parametrize("capability", LOWER_CAPABILITIES)
+def test_lower_cpu_kernel_sets_match_torch(capability):
+    import torch
+    machine = torch.backends.cpu.get_cpu_capability()
+    if machine not in ("AVX512", "AVX2"):
+        pytest.skip(f"ATen reports {machine}: only the portable kernels exist here, and the main tests run them")
+    if capability == "avx2" and machine != "AVX512":
+        pytest.skip(f"AVX2 is this machine's own set ({machine}): the main tests run it")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    done = subprocess.run([sys.executable, "-c", CHILD, LOWER_CAPABILITIES[capability]], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fallbacks ok" in done.stdout
