@@ -13,12 +13,36 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 triton_aot = pytest.importorskip("triton_aot")  # tests/triton_aot.py; skips when triton is missing
 
-from fasttx.kernels import bias_gelu  # noqa: E402
+from fasttx.kernels import bias_gelu, layer_norm  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "bf16")
 
+# The norm kernels' flags, as the ops set them: layer_norm, add_layer_norm, rms_norm (weight only), no affine.
+# The first variant, every flag on, is the register-heaviest.
+_NORM_FWD_VARIANTS = [dict(RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True),
+                      dict(RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=True),
+                      dict(RMS=True, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=False),
+                      dict(RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=False, HAS_BIAS=False)]
+_NORM_BWD_VARIANTS = [{("HAS_GRAD_S" if k == "HAS_RESIDUAL" else k): v for k, v in variant.items()}
+                      for variant in _NORM_FWD_VARIANTS]
+
+
+def _norm_cases_kept(variant_index, dtype, arch, aligned):
+    """The norm kernels' 4 variants x 10 configs in every dtype, arch and alignment would be 480 cases,
+    so: the first variant aligned (vectorized, the widest code) in fp32 and bf16 on both archs and
+    in fp16 (whose code is bf16's) on sm_90, unaligned (scalar loads, more address registers) in
+    bf16 on sm_80; the later variants, which only drop code from the first, aligned, in bf16 on sm_90
+    and fp32 on sm_80."""
+    if variant_index:
+        return aligned and (dtype, arch) in (("bf16", 90), ("fp32", 80))
+    if not aligned:
+        return dtype == "bf16" and arch == 80
+    return dtype != "fp16" or arch == 90
+
+
 # kernel name -> (jit function, its non-constexpr arguments, the config list its dispatcher draws from,
-#                 constexpr variants beyond the config)
+#                 constexpr variants beyond the config[, which (variant index, dtype, arch, aligned) cases to
+#                 compile, when not all])
 KERNELS = {
     "bias_gelu_fwd": (bias_gelu._bias_gelu_fwd_kernel,
                       {"X": "*{dtype}", "B": "*{dtype}", "Y": "*{dtype}", "M": "i32", "N": "i32"},
@@ -27,16 +51,28 @@ KERNELS = {
                       {"G": "*{dtype}", "X": "*{dtype}", "B": "*{dtype}", "DX": "*{dtype}",
                        "DB_PARTIAL": "*fp32", "M": "i32", "N": "i32", "rows_per_prog": "i32"},
                       bias_gelu.CONFIGS, [{"APPROX_TANH": False}, {"APPROX_TANH": True}]),
+    "norm_fwd": (layer_norm._norm_fwd_kernel,
+                 {"X": "*{dtype}", "R": "*{dtype}", "W": "*{dtype}", "B": "*{dtype}", "Y": "*{dtype}",
+                  "S": "*{dtype}", "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32", "eps": "fp32"},
+                 layer_norm.CONFIGS, _NORM_FWD_VARIANTS, _norm_cases_kept),
+    "norm_bwd": (layer_norm._norm_bwd_kernel,
+                 {"GY": "*{dtype}", "GS": "*{dtype}", "S": "*{dtype}", "MEAN": "*fp32", "RSTD": "*fp32",
+                  "W": "*{dtype}", "DX": "*{dtype}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                  "M": "i32", "N": "i32", "rows_per_prog": "i32"},
+                 layer_norm.CONFIGS, _NORM_BWD_VARIANTS, _norm_cases_kept),
 }
 
 
 def _cases():
-    for name, (fn, arg_types, configs, variants) in KERNELS.items():
+    for name, (fn, arg_types, configs, variants, *kept) in KERNELS.items():
+        kept = kept[0] if kept else lambda *case: True
         for cfg in configs:
-            for variant in variants:
+            for i, variant in enumerate(variants):
                 for dtype in DTYPES:
                     for arch in triton_aot.ARCHS:
                         for aligned in (True, False):
+                            if not kept(i, dtype, arch, aligned):
+                                continue
                             cfg_id = "-".join(f"{k}{v}" for k, v in {**cfg, **variant}.items())
                             yield pytest.param(fn, arg_types, cfg, variant, dtype, arch, aligned,
                                                id=f"{name}-{cfg_id}-{dtype}-sm{arch}-{'aligned' if aligned else 'unaligned'}")
@@ -56,3 +92,10 @@ def test_bias_gelu_config_is_listed(M):
     # The compile test above covers CONFIGS; the dispatcher must never return anything else.
     for N in list(range(1, 4100)) + [5120, 12288, 65536, 1 << 20]:
         assert bias_gelu._config(M, N) in bias_gelu.CONFIGS, (M, N)
+
+
+@pytest.mark.parametrize("M", (1, 3, 77, 4096, 1 << 20))
+def test_layer_norm_config_is_listed(M):
+    # The compile test above covers CONFIGS; the dispatcher must never return anything else.
+    for N in list(range(1, 8300)) + [12288, 65536, 1 << 20]:
+        assert layer_norm._config(M, N) in layer_norm.CONFIGS, (M, N)
