@@ -18,5 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTTX_WITH_CUDA
   m.def("bias_gelu_fwd_cuda", &fasttx::bias_gelu_fwd_cuda, "gelu(x + bias), CUDA");
   m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");
+  m.def("layer_norm_fwd_cuda", &fasttx::layer_norm_fwd_cuda, "layer/rms/add-layer norm forward, CUDA");
+  m.def("layer_norm_bwd_cuda", &fasttx::layer_norm_bwd_cuda, "layer/rms/add-layer norm backward, CUDA");
 #endif
 }
