@@ -10,9 +10,8 @@ from backend_params import device_backend_params as all_device_backend_params
 from backend_params import skip_unless_free_memory, skip_unless_runnable
 from tolerance import assert_within_torch_error
 
-# The family has cpu and torch backends so far; triton and cuda are not written yet.
 def device_backend_params():
-    return all_device_backend_params(cuda_backends=("torch",))
+    return all_device_backend_params()
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -227,8 +226,11 @@ def test_mismatched_weight_device_is_rejected():
 
 # ---- torch.library and torch.compile ------------------------------------------------
 
-def test_forced_backend_without_a_kernel_says_so():
-    with fasttx.use_backend("triton"), pytest.raises(fasttx.BackendUnavailableError, match="no 'triton' implementation"):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_forced_gpu_backend_on_cpu_tensors_raises_and_says_why(backend):
+    if backends.triton_interpreting():
+        pytest.skip("under the interpreter triton takes CPU tensors")
+    with fasttx.use_backend(backend), pytest.raises(fasttx.BackendUnavailableError, match=f"backend '{backend}' was forced"):
         fasttx.layer_norm(torch.randn(2, 8), 8)
 
 

@@ -42,6 +42,7 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // 32 MB mmap threshold a fresh block costs one page fault per 4 KB on first
 // touch; asking for transparent huge pages (THP "madvise" mode) cuts that
 // 512-fold. Advisory only: if it fails, 4 KB pages are used.
+// FASTTX_HUGE_PAGES=0 turns it off (where huge pages come back slowly, say).
 at::Tensor empty_output(const at::Tensor& like);
 
 }  // namespace fasttx

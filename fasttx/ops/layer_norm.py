@@ -1,7 +1,7 @@
 """layer_norm, add_layer_norm and rms_norm: one fused row normalization.
 
-The three ops share one kernel family per backend (so far cpu, and torch as
-the reference): an optional residual add, then mean/variance (LayerNorm) or
+The three ops share one kernel family per backend (triton, cuda, cpu, and
+torch as the reference): an optional residual add, then mean/variance (LayerNorm) or
 mean square (RMSNorm) in fp32 or better, then the affine transform, in one
 read and one write of each element. The backward
 recomputes the normalized row from the saved input and rstd (never storing
@@ -89,13 +89,37 @@ def _cpu_backward(*args):
     return backends.extension().layer_norm_bwd_cpu(*args)
 
 
+def _cuda_forward(*args):
+    return backends.extension().layer_norm_fwd_cuda(*args)
+
+
+def _cuda_backward(*args):
+    return backends.extension().layer_norm_bwd_cuda(*args)
+
+
+def _triton_forward(*args):
+    from fasttx.kernels import layer_norm as k
+    return k.norm_forward(*args)
+
+
+def _triton_backward(*args):
+    from fasttx.kernels import layer_norm as k
+    return k.norm_backward(*args)
+
+
 def _device_only(backend):
     return lambda x: backends.device_reason(backend, x.device)
 
 
-# The Triton and CUDA kernels of this family are not written yet: the list
-# says so, and a forced triton/cuda backend raises instead of pretending.
+def _triton_why_not(x):
+    return backends.device_reason("triton", x.device) or (
+        "the triton kernels take float16, bfloat16 or float32, got float64" if x.dtype == torch.float64 else None)
+
+
+# Every backend runs the same contract: _torch_forward / _torch_backward above.
 IMPLEMENTATIONS = (
+    backends.Implementation("triton", _triton_forward, _triton_backward, _triton_why_not),
+    backends.Implementation("cuda", _cuda_forward, _cuda_backward, _device_only("cuda")),
     backends.Implementation("cpu", _cpu_forward, _cpu_backward, _device_only("cpu")),
     backends.Implementation("torch", _torch_forward, _torch_backward, _device_only("torch")),
 )
