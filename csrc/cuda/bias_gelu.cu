@@ -14,6 +14,7 @@
 // The arithmetic is csrc/common/gelu.h, the same templates the CPU tests check.
 #include "common/gelu.h"
 #include "ops.h"
+#include "cuda/pack.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -46,22 +47,6 @@ struct CudaMath {
 
 constexpr int kThreads = 256;
 
-// VEC consecutive elements moved as one aligned load/store (16 bytes when
-// vectorized, one element in the fallback).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const Pack<T, VEC>& pack) {
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
-}
 
 // Thread (tx, ty) of block (bx, by) owns columns [col, col + VEC) with
 // col = (bx * blockDim.x + tx) * VEC, and rows by * blockDim.y + ty, stepping by

@@ -23,6 +23,7 @@
 //    reproducible run to run.
 #include "common/welford.h"
 #include "ops.h"
+#include "cuda/pack.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -64,22 +65,6 @@ constexpr int kColRows = kThreads / kColThreads;
 constexpr int64_t kColTargetBlocks = 1024;  // enough to fill any current GPU
 constexpr int64_t kMaxParts = 512;
 
-// VEC consecutive elements moved as one aligned load/store (16 bytes when
-// vectorized, one element in the fallback).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const Pack<T, VEC>& pack) {
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
-}
 
 __device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return ::rsqrt(v); }
