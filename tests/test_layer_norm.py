@@ -8,6 +8,7 @@ from fasttx import backends
 
 from backend_params import device_backend_params as all_device_backend_params
 from backend_params import skip_unless_free_memory, skip_unless_runnable
+from norm_cases import RMS_EPS, fasttx_fn, run, torch_fn  # noqa: F401
 from tolerance import assert_within_torch_error
 
 def device_backend_params():
@@ -17,31 +18,10 @@ def device_backend_params():
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HIDDEN = [1, 7, 768, 1000, 1537, 4096, 8192]
 OPS = ["layer_norm", "add_layer_norm", "rms_norm"]
-# Explicit: eps=None means finfo(dtype).eps, which differs between the dtype under test and the fp64 truth.
-RMS_EPS = 1e-6
 
 
-def _fasttx(op, affine):
-    if op == "layer_norm":
-        return lambda x, r, w, b: (fasttx.layer_norm(x, x.shape[-1:], w, b),)
-    if op == "add_layer_norm":
-        return lambda x, r, w, b: fasttx.add_layer_norm(x, r, x.shape[-1:], w, b)
-    return lambda x, r, w, b: (fasttx.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
-
-
-def _torch(op):
-    if op == "layer_norm":
-        return lambda x, r, w, b: (F.layer_norm(x, x.shape[-1:], w, b),)
-    if op == "add_layer_norm":
-        return lambda x, r, w, b: (F.layer_norm(x + r, x.shape[-1:], w, b), x + r)
-    return lambda x, r, w, b: (F.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
-
-
-def _run(fn, inputs, grads, cast=None):
-    leaves = [None if t is None else (t.to(cast) if cast else t).detach().requires_grad_() for t in inputs]
-    outs = fn(*leaves)
-    torch.autograd.backward(outs, [g.to(cast) if cast else g for g in grads[:len(outs)]])
-    return [o.detach() for o in outs], [None if t is None else t.grad for t in leaves]
+_fasttx = lambda op, affine=True: fasttx_fn(op)
+_torch, _run = torch_fn, run
 
 
 def check_against_reference(device, backend, op, x, affine=True, residual_needed=None):

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 import fasttx
 from fasttx.kernels import layer_norm as kernels
+from norm_cases import RMS_EPS, fasttx_fn, run, torch_fn  # noqa: F401
 from tolerance import DEFAULT_ATOL, assert_within_torch_error
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OPS = ("layer_norm", "add_layer_norm", "rms_norm")
-RMS_EPS = 1e-6  # explicit: eps=None is finfo(dtype).eps, which differs between the dtype and the fp64 truth
 LOOPED_N = 10000  # > kernels._MAX_TILE_N: three 4096-wide chunks, the last one partial
 # One-lane rows, odd widths, several rows per tile (N <= 1024), one row per tile, and the looped path.
 SHAPES = [lead + (n,) for lead in ((1,), (3, 5)) for n in (1, 7, 77, 1000, 1537)] + [(3, LOOPED_N)]
@@ -26,28 +26,7 @@ def test_looped_threshold():
     assert kernels._config(3, LOOPED_N)["LOOPED"] and kernels._config(3, 65536)["LOOPED"]
 
 
-def _fasttx(op):
-    if op == "layer_norm":
-        return lambda x, r, w, b: (fasttx.layer_norm(x, x.shape[-1:], w, b),)
-    if op == "add_layer_norm":
-        return lambda x, r, w, b: fasttx.add_layer_norm(x, r, x.shape[-1:], w, b)
-    return lambda x, r, w, b: (fasttx.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
-
-
-def _torch(op):
-    if op == "layer_norm":
-        return lambda x, r, w, b: (F.layer_norm(x, x.shape[-1:], w, b),)
-    if op == "add_layer_norm":
-        return lambda x, r, w, b: (F.layer_norm(x + r, x.shape[-1:], w, b), x + r)
-    return lambda x, r, w, b: (F.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
-
-
-def _run(fn, inputs, grads, cast=None):
-    """(outputs, grads of x, residual, weight, bias) of ``fn``, its inputs cast to ``cast`` when given."""
-    leaves = [None if t is None else (t.to(cast) if cast else t).detach().requires_grad_() for t in inputs]
-    outs = fn(*leaves)
-    torch.autograd.backward(outs, [g.to(cast) if cast else g for g in grads[:len(outs)]])
-    return [o.detach() for o in outs], [None if t is None else t.grad for t in leaves]
+_fasttx, _torch, _run = fasttx_fn, torch_fn, run
 
 
 def _triton_run(op, inputs, grads):
