@@ -18,10 +18,12 @@ enum class GeluApprox : int { kNone = 0, kTanh = 1 };
 
 namespace gelu {
 
-constexpr float kInvSqrt2 = 0.70710678118654752440f;     // 1/sqrt(2)
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/sqrt(2*pi)
-constexpr float kSqrt2OverPi = 0.79788456080286535588f;  // sqrt(2/pi)
-constexpr float kCubic = 0.044715f;
+// In double, so that T = double gets full precision (a float 1/sqrt(2) is
+// off by 1e-8 relative); T(k) rounds them once, at compile time, for float.
+constexpr double kInvSqrt2 = 0.70710678118654752440;     // 1/sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2*pi)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
+constexpr double kCubic = 0.044715;
 
 // Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
 template <typename Math, typename T>
@@ -50,7 +52,7 @@ FASTTX_HOST_DEVICE T tanh_grad(T x) {
   T x2 = x * x;
   T u = T(kSqrt2OverPi) * x * (T(1.0f) + T(kCubic) * x2);
   T t = Math::tanh(u);
-  T du_dx = T(kSqrt2OverPi) * (T(1.0f) + T(3.0f * kCubic) * x2);
+  T du_dx = T(kSqrt2OverPi) * (T(1.0f) + T(3.0 * kCubic) * x2);
   return T(0.5f) * (T(1.0f) + t) + T(0.5f) * x * (T(1.0f) - t * t) * du_dx;
 }
 
@@ -74,6 +76,11 @@ struct ScalarMath {
   static FASTTX_HOST_DEVICE double erf(double x) { return ::erf(x); }
   static FASTTX_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static FASTTX_HOST_DEVICE double tanh(double x) { return ::tanh(x); }
+  // For activation.h. relu_grad(0) = 0, as torch's threshold_backward.
+  template <typename T>
+  static FASTTX_HOST_DEVICE T relu(T x) { return x > T(0) ? x : T(0); }
+  template <typename T>
+  static FASTTX_HOST_DEVICE T relu_grad(T x) { return x > T(0) ? T(1) : T(0); }
 };
 
 }  // namespace fasttx
