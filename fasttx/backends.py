@@ -15,7 +15,8 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -85,8 +86,13 @@ def triton_error() -> Optional[str]:
     return None
 
 
-def machine_reasons() -> dict[str, Optional[str]]:
-    """For each backend, None if it can run on this machine, else why not."""
+@functools.lru_cache(maxsize=None)
+def machine_reasons() -> Mapping[str, Optional[str]]:
+    """For each backend, None if it can run on this machine, else why not.
+
+    Read once per process, since every op call asks: the extension, the GPU and
+    TRITON_INTERPRET (which triton itself reads once, at import) stay as they are.
+    """
     ext_err = extension_error()
     reasons: dict[str, Optional[str]] = {"torch": None}
     reasons["cpu"] = ext_err
@@ -105,7 +111,7 @@ def machine_reasons() -> dict[str, Optional[str]]:
         reasons["triton"] = "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton on the CPU, for tests)"
     else:
         reasons["triton"] = None
-    return reasons
+    return MappingProxyType(reasons)
 
 
 # ---- per-op implementations ------------------------------------------------------

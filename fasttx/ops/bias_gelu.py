@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fasttx import backends
 from fasttx.ops._checks import check_choice, check_float, check_same, check_tensor
+from fasttx.ops._eager import eager_function, plain_eager
 
 APPROXIMATIONS = ("none", "tanh")
 _OP = "bias_gelu"
@@ -84,15 +85,31 @@ IMPLEMENTATIONS = (
 )
 
 
-# ---- torch.library registration: opaque to torch.compile, with autograd -----------
+# ---- forward and backward: the bodies of the custom ops -----------------------------
 
-@torch.library.custom_op("fasttx::bias_gelu", mutates_args=())
-def _bias_gelu_op(x: Tensor, bias: Tensor, approximate: str, backend: str) -> Tensor:
+def _forward(x: Tensor, bias: Tensor, approximate: str, backend: str) -> Tensor:
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, x, bias)
     if x.numel() == 0:
         return x.new_empty(x.shape)
     x2d = x.contiguous().view(-1, x.shape[-1])
     return impl.forward(x2d, bias.contiguous(), approximate).view(x.shape)
+
+
+def _backward(grad: Tensor, x: Tensor, bias: Tensor, approximate: str, backend: str) -> tuple[Tensor, Tensor]:
+    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, x, bias)
+    if x.numel() == 0:
+        return x.new_empty(x.shape), torch.zeros_like(bias)
+    n = x.shape[-1]
+    grad_x, grad_bias = impl.backward(grad.contiguous().view(-1, n), x.contiguous().view(-1, n),
+                                      bias.contiguous(), approximate)
+    return grad_x.view(x.shape), grad_bias
+
+
+# ---- torch.library registration: opaque to torch.compile, with autograd -----------
+
+@torch.library.custom_op("fasttx::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: Tensor, bias: Tensor, approximate: str, backend: str) -> Tensor:
+    return _forward(x, bias, approximate, backend)
 
 
 @_bias_gelu_op.register_fake
@@ -103,13 +120,7 @@ def _(x, bias, approximate, backend):
 @torch.library.custom_op("fasttx::bias_gelu_backward", mutates_args=())
 def _bias_gelu_backward_op(grad: Tensor, x: Tensor, bias: Tensor, approximate: str,
                            backend: str) -> tuple[Tensor, Tensor]:
-    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, x, bias)
-    if x.numel() == 0:
-        return x.new_empty(x.shape), torch.zeros_like(bias)
-    n = x.shape[-1]
-    grad_x, grad_bias = impl.backward(grad.contiguous().view(-1, n), x.contiguous().view(-1, n),
-                                      bias.contiguous(), approximate)
-    return grad_x.view(x.shape), grad_bias
+    return _backward(grad, x, bias, approximate, backend)
 
 
 @_bias_gelu_backward_op.register_fake
@@ -123,13 +134,16 @@ def _setup_context(ctx, inputs, output):
     ctx.approximate, ctx.backend = approximate, backend
 
 
-def _backward(ctx, grad):
-    x, bias = ctx.saved_tensors
-    grad_x, grad_bias = _bias_gelu_backward_op(grad, x, bias, ctx.approximate, ctx.backend)
-    return grad_x, grad_bias, None, None
+def _autograd_backward(backward):
+    def run(ctx, grad):
+        x, bias = ctx.saved_tensors
+        grad_x, grad_bias = backward(grad, x, bias, ctx.approximate, ctx.backend)
+        return grad_x, grad_bias, None, None
+    return run
 
 
-_bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+_bias_gelu_op.register_autograd(_autograd_backward(_bias_gelu_backward_op), setup_context=_setup_context)
+_BiasGeluFunction = eager_function("_BiasGeluFunction", _forward, _setup_context, _autograd_backward(_backward))
 
 
 # ---- public API ---------------------------------------------------------------
@@ -150,4 +164,5 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
         raise ValueError(f"fasttx.{_OP}: bias must have shape ({x.shape[-1]},) to match the last dimension "
                          f"of x {tuple(x.shape)}, got {tuple(bias.shape)}")
-    return _bias_gelu_op(x, bias, approximate, backends.requested_backend())
+    args = (x, bias, approximate, backends.requested_backend())
+    return _BiasGeluFunction.apply(*args) if plain_eager(x, bias) else _bias_gelu_op(*args)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fasttx import backends
 from fasttx.ops._checks import check_float, check_same, check_tensor
+from fasttx.ops._eager import eager_function, plain_eager
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -129,16 +130,15 @@ def _op_name(residual, rms):
     return "rms_norm" if rms else ("add_layer_norm" if residual is not None else "layer_norm")
 
 
-# ---- torch.library registration ---------------------------------------------------
+# ---- forward and backward on (M, N) rows: the bodies of the custom ops --------------
 # Absent outputs are returned as empty tensors: custom ops cannot return None.
 
 def _empty(t: Tensor, dtype=None) -> Tensor:
     return t.new_empty(0, dtype=dtype)
 
 
-@torch.library.custom_op("fasttx::norm_forward", mutates_args=())
-def _norm_forward_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                     eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = backends.choose(_op_name(residual, rms), IMPLEMENTATIONS, backend, x)
     acc = _acc_dtype(x.dtype)
     if x.numel() == 0:
@@ -147,6 +147,29 @@ def _norm_forward_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Ten
         return x.new_empty(x.shape), s, (_empty(x, acc) if rms else stats), stats.clone()
     y, s, mean, rstd = impl.forward(x, residual, weight, bias, eps, rms)
     return y, (s if s is not None else _empty(x)), (mean if mean is not None else _empty(x, acc)), rstd
+
+
+def _norm_backward(grad_y: Tensor, grad_s: Optional[Tensor], s: Tensor, mean: Optional[Tensor], rstd: Tensor,
+                   weight: Optional[Tensor], has_bias: bool, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.choose(_op_name(grad_s, rms), IMPLEMENTATIONS, backend, s)
+    if s.numel() == 0:
+        grad_input = s.new_empty(s.shape)
+        grad_weight = torch.zeros_like(weight) if weight is not None else _empty(s)
+        return grad_input, grad_weight, (torch.zeros_like(weight) if has_bias else _empty(s))
+    # Autograd hands over grads of any layout (a stride-0 expand from .sum(), say).
+    grad_y = grad_y.contiguous()
+    grad_s = grad_s.contiguous() if grad_s is not None else None
+    grad_input, grad_weight, grad_bias = impl.backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms)
+    return (grad_input, grad_weight if grad_weight is not None else _empty(s),
+            grad_bias if grad_bias is not None else _empty(s))
+
+
+# ---- torch.library registration, and the eager autograd.Function ---------------------
+
+@torch.library.custom_op("fasttx::norm_forward", mutates_args=())
+def _norm_forward_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                     eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _norm_forward(x, residual, weight, bias, eps, rms, backend)
 
 
 @_norm_forward_op.register_fake
@@ -161,17 +184,7 @@ def _(x, residual, weight, bias, eps, rms, backend):
 def _norm_backward_op(grad_y: Tensor, grad_s: Optional[Tensor], s: Tensor, mean: Optional[Tensor], rstd: Tensor,
                       weight: Optional[Tensor], has_bias: bool, rms: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backends.choose(_op_name(grad_s, rms), IMPLEMENTATIONS, backend, s)
-    if s.numel() == 0:
-        grad_input = s.new_empty(s.shape)
-        grad_weight = torch.zeros_like(weight) if weight is not None else _empty(s)
-        return grad_input, grad_weight, (torch.zeros_like(weight) if has_bias else _empty(s))
-    # Autograd hands over grads of any layout (a stride-0 expand from .sum(), say).
-    grad_y = grad_y.contiguous()
-    grad_s = grad_s.contiguous() if grad_s is not None else None
-    grad_input, grad_weight, grad_bias = impl.backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms)
-    return (grad_input, grad_weight if grad_weight is not None else _empty(s),
-            grad_bias if grad_bias is not None else _empty(s))
+    return _norm_backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms, backend)
 
 
 @_norm_backward_op.register_fake
@@ -190,18 +203,28 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # add_layer_norm's s often has no gradient; don't add zeros
 
 
-def _backward(ctx, grad_y, grad_s, _grad_mean, _grad_rstd):
-    s, mean, rstd, weight = ctx.saved_tensors
-    if grad_y is None:
-        grad_y = torch.zeros_like(s)
-    grad_input, grad_weight, grad_bias = _norm_backward_op(
-        grad_y, grad_s if ctx.has_residual else None, s, None if ctx.rms else mean, rstd,
-        weight, ctx.has_bias, ctx.rms, ctx.backend)
-    return (grad_input, grad_input if ctx.has_residual else None,
-            grad_weight if weight is not None else None, grad_bias if ctx.has_bias else None, None, None, None)
+def _autograd_backward(norm_backward):
+    def run(ctx, grad_y, grad_s, _grad_mean, _grad_rstd):
+        s, mean, rstd, weight = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(s)
+        grad_input, grad_weight, grad_bias = norm_backward(
+            grad_y, grad_s if ctx.has_residual else None, s, None if ctx.rms else mean, rstd,
+            weight, ctx.has_bias, ctx.rms, ctx.backend)
+        return (grad_input, grad_input if ctx.has_residual else None,
+                grad_weight if weight is not None else None, grad_bias if ctx.has_bias else None, None, None, None)
+    return run
 
 
-_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_norm_forward_op.register_autograd(_autograd_backward(_norm_backward_op), setup_context=_setup_context)
+_NormFunction = eager_function("_NormFunction", _norm_forward, _setup_context, _autograd_backward(_norm_backward))
+
+
+def _norm(x, residual, weight, bias, eps, rms):
+    args = (x, residual, weight, bias, eps, rms, backends.requested_backend())
+    if plain_eager(x, residual, weight, bias):
+        return _NormFunction.apply(*args)
+    return _norm_forward_op(*args)
 
 
 # ---- public API ---------------------------------------------------------------
@@ -237,7 +260,7 @@ def layer_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] 
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.layer_norm``, fused."""
     x2d, w, b = _check_and_flatten("layer_norm", x, normalized_shape, weight, bias)
-    y, _, _, _ = _norm_forward_op(x2d, None, w, b, float(eps), False, backends.requested_backend())
+    y, _, _, _ = _norm(x2d, None, w, b, float(eps), False)
     return y.view(x.shape)
 
 
@@ -250,8 +273,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, wei
     check_same(op, "residual", residual, "x", x)
     if residual.shape != x.shape:
         raise ValueError(f"fasttx.{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
-    y, s, _, _ = _norm_forward_op(x2d, residual.reshape(x2d.shape).contiguous(), w, b, float(eps), False,
-                                  backends.requested_backend())
+    y, s, _, _ = _norm(x2d, residual.reshape(x2d.shape).contiguous(), w, b, float(eps), False)
     return y.view(x.shape), s.view(x.shape)
 
 
@@ -264,5 +286,5 @@ def rms_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = 
     """
     x2d, w, _ = _check_and_flatten("rms_norm", x, normalized_shape, weight, None)
     eps = torch.finfo(_acc_dtype(x.dtype)).eps if eps is None else float(eps)
-    y, _, _, _ = _norm_forward_op(x2d, None, w, None, eps, True, backends.requested_backend())
+    y, _, _, _ = _norm(x2d, None, w, None, eps, True)
     return y.view(x.shape)
