@@ -103,13 +103,16 @@ class Runner:
         return y  # the caller drops it after the clock stops
 
 
-def saved_for_backward(fn: Callable, inputs: tuple):
-    """(output, bytes of the distinct storages autograd saves during one forward of ``fn``)."""
+def saved_for_backward(fn: Callable, inputs: tuple, exclude: tuple = ()):
+    """(output, bytes of the distinct storages autograd saves during one forward of ``fn``,
+    less those of the tensors in ``exclude``)."""
     storages = {}
+    left_out = {(t.untyped_storage().device, t.untyped_storage().data_ptr()) for t in exclude}
 
     def pack(t):
         s = t.untyped_storage()
-        storages[(s.device, s.data_ptr())] = s.nbytes()
+        if (s.device, s.data_ptr()) not in left_out:
+            storages[(s.device, s.data_ptr())] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -149,7 +152,7 @@ def _prepare(provider, spec, case, inputs, grad, reference, device, settings):
     # not under no_grad: torch.compile would recompile for another grad mode
     runner.reset()
     start = time.perf_counter()
-    y, saved = saved_for_backward(runner.fn, inputs)
+    y, saved = saved_for_backward(runner.fn, inputs, tuple(inputs[i] for i in spec.saved_excludes))
     if grad is not None:
         y.backward(grad)
     timing.synchronize(device)

@@ -38,6 +38,8 @@ class OpSpec:
     modes: tuple = MODES
     # which inputs require grad in fwd+bwd (indices into make_inputs' tuple)
     grad_inputs: tuple = (0,)
+    # inputs every provider keeps for backward alike (weights): left out of "saved for bwd"
+    saved_excludes: tuple = ()
     # one markdown table per mode and per value of these parameters
     table_by: tuple = ("dtype",)
     # the cases an issue or a reviewer asks about first; repeated in the summary

@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_bwd_cpu", &fasttx::bias_gelu_bwd_cpu, "bias_gelu backward, CPU");
   m.def("layer_norm_fwd_cpu", &fasttx::layer_norm_fwd_cpu, "layer/rms/add-layer norm forward, CPU");
   m.def("layer_norm_bwd_cpu", &fasttx::layer_norm_bwd_cpu, "layer/rms/add-layer norm backward, CPU");
+  m.def("gelu_ffn_fwd_cpu", &fasttx::gelu_ffn_fwd_cpu, "act(x w1^T + b1) w2^T + b2, CPU");
+  m.def("gelu_ffn_bwd_cpu", &fasttx::gelu_ffn_bwd_cpu, "gelu_ffn backward, CPU");
 #ifdef FASTTX_WITH_CUDA
   m.def("bias_gelu_fwd_cuda", &fasttx::bias_gelu_fwd_cuda, "gelu(x + bias), CUDA");
   m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");

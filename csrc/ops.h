@@ -46,6 +46,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool rms);
 
+// gelu_ffn: out = act(x @ w1^T + b1) @ w2^T + b2, nn.Linear's layout:
+// x (M, D), w1 (H, D), b1 (H,), w2 (D2, H), b2 (D2,), all contiguous, one dtype.
+// activation is csrc/common/activation.h's Activation (0 gelu, 1 gelu_tanh,
+// 2 relu). The forward returns (out, preact) with preact = x @ w1^T + b1 of
+// shape (M, H), which is all the backward needs besides x and the weights:
+// act(preact) is recomputed, never stored. The backward returns (grad_x,
+// grad_w1, grad_b1, grad_w2, grad_b2); grad_b1/grad_b2 are undefined when
+// has_b1/has_b2 is false.
+std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, int64_t activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& preact, const at::Tensor& w1,
+    const at::Tensor& w2, bool has_b1, bool has_b2, int64_t activation);
+
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
@@ -58,6 +73,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& s,
     const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool rms);
+// gelu_ffn on cuBLASLt: the contract of gelu_ffn_fwd_cpu / gelu_ffn_bwd_cpu.
+std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, int64_t activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& preact, const at::Tensor& w1,
+    const at::Tensor& w2, bool has_b1, bool has_b2, int64_t activation);
 #endif
 
 }  // namespace fasttx

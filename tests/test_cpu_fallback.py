@@ -1,8 +1,10 @@
-"""The CPU kernel sets this machine does not pick: AVX2 on an AVX-512 machine, and the portable ones.
+"""Every CPU kernel set in float64 against PyTorch: this machine's own, and those it does not pick
+(AVX2 on an AVX-512 machine, and the portable ones).
 
 csrc/cpu picks its kernels by the capability ATen reports (cpu/cpu_features.h).
 ATEN_CPU_CAPABILITY lowers it, so a child process runs the lower sets on this
-machine, against the same PyTorch references, in float64 for tight bounds.
+machine. float64 makes the bounds tight enough to catch a constant rounded to
+float (a float 1/sqrt(2) in GELU is off by 1e-8).
 """
 import os
 import subprocess
@@ -14,26 +16,32 @@ import pytest
 CHILD = textwrap.dedent("""
     import torch, torch.nn.functional as F
     import fasttx
+    from fasttx.ops.gelu_ffn import gelu_ffn_ref
     import sys
     assert torch.backends.cpu.get_cpu_capability() == sys.argv[1], torch.backends.cpu.get_cpu_capability()
     torch.manual_seed(0)
+    leaf = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     with fasttx.use_backend("cpu"):
         for n in (1, 7, 1000, 1537):
-            x = torch.randn(5, n, dtype=torch.float64, requires_grad=True)
-            r = torch.randn(5, n, dtype=torch.float64, requires_grad=True)
-            w = torch.randn(n, dtype=torch.float64, requires_grad=True)
-            b = torch.randn(n, dtype=torch.float64, requires_grad=True)
-            g = torch.randn(5, n, dtype=torch.float64)
+            x, r, w, b = leaf(5, n), leaf(5, n), leaf(n), leaf(n)
+            w1, b1, w2, b2 = leaf(13, n), leaf(13), leaf(n, 13), leaf(n)
+            norm_args = (x, r, w, b)
             cases = [
-                (lambda: fasttx.bias_gelu(x, b), lambda: F.gelu(x + b)),
-                (lambda: fasttx.bias_gelu(x, b, "tanh"), lambda: F.gelu(x + b, approximate="tanh")),
-                (lambda: fasttx.layer_norm(x, (n,), w, b), lambda: F.layer_norm(x, (n,), w, b)),
-                (lambda: fasttx.add_layer_norm(x, r, (n,), w, b)[0], lambda: F.layer_norm(x + r, (n,), w, b)),
-                (lambda: fasttx.rms_norm(x, (n,), w, 1e-6), lambda: F.rms_norm(x, (n,), w, 1e-6)),
+                (lambda: fasttx.bias_gelu(x, b), lambda: F.gelu(x + b), norm_args),
+                (lambda: fasttx.bias_gelu(x, b, "tanh"), lambda: F.gelu(x + b, approximate="tanh"), norm_args),
+                (lambda: fasttx.layer_norm(x, (n,), w, b), lambda: F.layer_norm(x, (n,), w, b), norm_args),
+                (lambda: fasttx.add_layer_norm(x, r, (n,), w, b)[0], lambda: F.layer_norm(x + r, (n,), w, b),
+                 norm_args),
+                (lambda: fasttx.rms_norm(x, (n,), w, 1e-6), lambda: F.rms_norm(x, (n,), w, 1e-6), norm_args),
+            ] + [
+                (lambda a=a: fasttx.gelu_ffn(x, w1, b1, w2, b2, a), lambda a=a: gelu_ffn_ref(x, w1, b1, w2, b2, a),
+                 (x, w1, b1, w2, b2))
+                for a in ("gelu", "gelu_tanh", "relu")
             ]
-            for ours, ref in cases:
-                got = torch.autograd.grad(ours(), (x, r, w, b), g, allow_unused=True)
-                want = torch.autograd.grad(ref(), (x, r, w, b), g, allow_unused=True)
+            for ours, ref, args in cases:
+                g = torch.randn(5, n, dtype=torch.float64)
+                got = torch.autograd.grad(ours(), args, g, allow_unused=True)
+                want = torch.autograd.grad(ref(), args, g, allow_unused=True)
                 torch.testing.assert_close(ours(), ref(), rtol=1e-10, atol=1e-10)
                 for a, e in zip(got, want):
                     assert (a is None) == (e is None)
@@ -45,6 +53,14 @@ CHILD = textwrap.dedent("""
 
 # ATEN_CPU_CAPABILITY value -> what torch then reports, from the highest down.
 LOWER_CAPABILITIES = {"avx2": "AVX2", "default": "DEFAULT"}
+
+
+def test_this_machines_cpu_kernel_set_matches_torch_in_float64():
+    import torch
+    done = subprocess.run([sys.executable, "-c", CHILD, torch.backends.cpu.get_cpu_capability()],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fallbacks ok" in done.stdout
 
 
 @pytest.mark.parametrize("capability", LOWER_CAPABILITIES)

@@ -3,6 +3,7 @@ and sm_90 (no GPU needed), without register spills and within shared memory.
 
 Runs in the ordinary pytest process; the interpreter would replace the kernels by Python.
 """
+import functools
 import os
 
 import pytest
@@ -13,7 +14,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 triton_aot = pytest.importorskip("triton_aot")  # tests/triton_aot.py; skips when triton is missing
 
-from fasttx.kernels import bias_gelu, layer_norm  # noqa: E402
+from fasttx.kernels import bias_gelu, gelu_ffn, layer_norm  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -40,6 +41,57 @@ def _norm_cases_kept(variant_index, dtype, arch, aligned):
     return dtype != "fp16" or arch == 90
 
 
+# gelu_ffn's matmul, per operand layout: the strides of 1 the JIT pins (as constexprs) in the GEMMs
+# gelu_ffn.py launches -- x @ w1.T, hidden @ w2.T ("nt"); grad_out @ w2, grad_h @ w1 ("nn");
+# grad_out.T @ hidden, grad_h.T @ x ("tn") -- and the epilogues each layout runs. The first
+# variant of "nn", activation_grad with the tanh GELU and the bias reduction, is the heaviest.
+_FFN_LAYOUTS = {
+    "nt": (dict(stride_ak=1, stride_bk=1),
+           [dict(EPILOGUE="activation", HAS_BIAS=True, ACTIVATION="gelu_tanh"),
+            dict(EPILOGUE="activation", HAS_BIAS=True, ACTIVATION="gelu"),
+            dict(EPILOGUE="activation", HAS_BIAS=False, ACTIVATION="relu"),
+            dict(EPILOGUE="linear", HAS_BIAS=True, ACTIVATION="relu")]),
+    "nn": (dict(stride_ak=1, stride_bn=1),
+           [dict(EPILOGUE="activation_grad", HAS_BIAS=True, ACTIVATION="gelu_tanh"),
+            dict(EPILOGUE="activation_grad", HAS_BIAS=True, ACTIVATION="gelu"),
+            dict(EPILOGUE="activation_grad", HAS_BIAS=False, ACTIVATION="relu"),
+            dict(EPILOGUE="linear", HAS_BIAS=False, ACTIVATION="relu")]),
+    "tn": (dict(stride_am=1, stride_bn=1), [dict(EPILOGUE="linear", HAS_BIAS=False, ACTIVATION="relu")]),
+}
+
+
+def _ffn_arg_types(layout):
+    """The matmul's non-constexpr arguments: the strides the layout does not pin to 1 (a pinned one
+    is a constexpr, which compile_kernel must not mark 16-divisible)."""
+    pinned = _FFN_LAYOUTS[layout][0]
+    strides = {s: "i32" for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn") if s not in pinned}
+    return {"A": "*{dtype}", "B": "*{dtype}", "C": "*{dtype}", "BIAS": "*{dtype}", "PREACT": "*{dtype}",
+            "ACT": "*{dtype}", "DBIAS_PARTIAL": "*fp32", "M": "i32", "N": "i32", "K": "i32", **strides}
+
+
+def _ffn_variants(layout):
+    pinned, epilogues = _FFN_LAYOUTS[layout]
+    return [dict(epilogue, UPCAST_DOT=False, **pinned) for epilogue in epilogues]
+
+
+def _ffn_cases_kept(cfg, layout, variant_index, dtype, arch, aligned):
+    """6 configs x 9 variants x 3 dtypes x 2 archs x 2 alignments would be 648 cases (a few seconds
+    each), so: each config compiles in the dtype it is picked for (bf16 for HALF_CONFIGS, fp32
+    for FP32_CONFIGS). The heaviest variant runs every config on both archs, aligned, and the
+    largest config of each list also unaligned and, for 16-bit, in fp16. The other variants run
+    the largest config once: 16-bit on sm_90 (wgmma, which reads both operands from shared
+    memory), fp32 on sm_80; "tn" (MN-major operands) on both archs."""
+    ref_dtype = "fp32" if cfg in gelu_ffn.FP32_CONFIGS else "bf16"
+    largest = cfg in (gelu_ffn.HALF_CONFIGS[0], gelu_ffn.FP32_CONFIGS[0])
+    if (layout, variant_index) == ("nn", 0):
+        if dtype == "fp16":
+            return largest and ref_dtype == "bf16" and aligned
+        return dtype == ref_dtype and (aligned or largest)
+    if not (largest and aligned and dtype == ref_dtype):
+        return False
+    return layout == "tn" or arch == (90 if ref_dtype == "bf16" else 80)
+
+
 # kernel name -> (jit function, its non-constexpr arguments, the config list its dispatcher draws from,
 #                 constexpr variants beyond the config[, which (variant index, dtype, arch, aligned) cases to
 #                 compile, when not all])
@@ -60,6 +112,10 @@ KERNELS = {
                   "W": "*{dtype}", "DX": "*{dtype}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
                   "M": "i32", "N": "i32", "rows_per_prog": "i32"},
                  layer_norm.CONFIGS, _NORM_BWD_VARIANTS, _norm_cases_kept),
+    # One entry per config and layout, so that _ffn_cases_kept sees both.
+    **{f"gelu_ffn_matmul_{layout}_{i}": (gelu_ffn._ffn_matmul_kernel, _ffn_arg_types(layout), [cfg],
+                                         _ffn_variants(layout), functools.partial(_ffn_cases_kept, cfg, layout))
+       for i, cfg in enumerate(gelu_ffn.CONFIGS) for layout in _FFN_LAYOUTS},
 }
 
 
@@ -80,9 +136,10 @@ def _cases():
 
 @pytest.mark.parametrize("fn, arg_types, cfg, variant, dtype, arch, aligned", list(_cases()))
 def test_compiles_without_spills(fn, arg_types, cfg, variant, dtype, arch, aligned):
-    constexprs = {k: v for k, v in cfg.items() if k != "num_warps"} | variant
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 3)}  # 3: compile_kernel's default
+    constexprs = {k: v for k, v in cfg.items() if k not in launch} | variant
     k = triton_aot.compile_kernel(fn, triton_aot.signature(arg_types, dtype, constexprs), constexprs, arch,
-                                  num_warps=cfg["num_warps"],
+                                  **launch,
                                   aligned=triton_aot.divisible_args(arg_types) if aligned else ())
     assert not k.problems(), f"{k.name} sm_{arch}: " + "; ".join(k.problems())
 

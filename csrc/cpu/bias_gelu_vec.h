@@ -14,6 +14,7 @@
 #include "common/gelu.h"
 #include "cpu/bias_gelu_kernels.h"
 #include "cpu/vec/io.h"
+#include "cpu/vec/math.h"
 
 namespace fasttx {
 namespace FASTTX_ISA {
@@ -22,20 +23,6 @@ namespace {
 // Backward tiling: the row chunks come from bias_gelu.cpp (a function of M),
 // columns go in kColBlock blocks that keep bias and partial slices in cache.
 constexpr int64_t kColBlock = 4096;
-
-// Sleef's tanh costs as much as 3.5 exps. For float, (1 - e) / (1 + e) with
-// e = exp(-2|u|) is within 1e-7 absolute, all that GELU's 1 + tanh(u) needs.
-template <typename A>
-struct VecMath {
-  using V = at::vec::Vectorized<A>;
-  static V erf(V x) { return x.erf(); }
-  static V exp(V x) { return x.exp(); }
-  static V tanh(V u) {
-    if constexpr (!std::is_same_v<A, float>) return u.tanh();
-    const V e = (V(-2.0f) * u.abs()).exp();
-    return ((V(1.0f) - e) / (V(1.0f) + e)) | (u & V(-0.0f));  // sign of u
-  }
-};
 
 template <typename T>
 void fwd_segment(const T* x, const T* b, T* y, int64_t len, GeluApprox a, bool stream) {

@@ -23,8 +23,8 @@ bool huge_pages_wanted() {
 }
 }  // namespace
 
-at::Tensor empty_output(const at::Tensor& like) {
-  auto t = at::empty(like.sizes(), like.options());
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   // Smaller blocks come from glibc's heap, already mapped and reused: asking
   // for huge pages there only makes the kernel collapse pages under us.

@@ -43,6 +43,7 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // touch; asking for transparent huge pages (THP "madvise" mode) cuts that
 // 512-fold. Advisory only: if it fails, 4 KB pages are used.
 // FASTTX_HUGE_PAGES=0 turns it off (where huge pages come back slowly, say).
-at::Tensor empty_output(const at::Tensor& like);
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+inline at::Tensor empty_output(const at::Tensor& like) { return empty_output(like.sizes(), like.options()); }
 
 }  // namespace fasttx
