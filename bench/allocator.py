@@ -39,7 +39,8 @@ def find_tcmalloc() -> Optional[str]:
     for path in TCMALLOC_PATHS:
         if os.path.exists(path):
             return path
-    found = sorted(glob.glob("/usr/lib*/**/libtcmalloc_minimal.so*", recursive=True))
+    # One level only: a recursive walk of /usr/lib* never ended on a machine with a symlink loop there.
+    found = sorted(glob.glob("/usr/lib*/libtcmalloc_minimal.so*") + glob.glob("/usr/lib*/*/libtcmalloc_minimal.so*"))
     return found[0] if found else None
 
 
