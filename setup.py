@@ -45,6 +45,16 @@ def _cuda_include_dirs():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _cublaslt_link():
+    # gelu_ffn calls cuBLASLt; the nvidia-* wheels ship only libcublasLt.so.N, so link it by file name.
+    import site
+
+    for base in site.getsitepackages():
+        for lib in sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcublasLt.so.*"))):
+            return [os.path.dirname(lib)], [":" + os.path.basename(lib)]
+    return [], ["cublasLt"]
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -55,11 +65,14 @@ def _extensions():
         return [CppExtension("fasttx._C", sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    cublaslt_dirs, cublaslt = _cublaslt_link()
     return [CUDAExtension(
         "fasttx._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs + _cuda_include_dirs(),
         define_macros=[("FASTTX_WITH_CUDA", "1")],
+        library_dirs=cublaslt_dirs,
+        libraries=cublaslt,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--threads", "0"]},
         extra_link_args=["-fopenmp"],
     )]

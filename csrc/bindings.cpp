@@ -22,5 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");
   m.def("layer_norm_fwd_cuda", &fasttx::layer_norm_fwd_cuda, "layer/rms/add-layer norm forward, CUDA");
   m.def("layer_norm_bwd_cuda", &fasttx::layer_norm_bwd_cuda, "layer/rms/add-layer norm backward, CUDA");
+  m.def("gelu_ffn_fwd_cuda", &fasttx::gelu_ffn_fwd_cuda, "act(x w1^T + b1) w2^T + b2, cuBLASLt");
+  m.def("gelu_ffn_bwd_cuda", &fasttx::gelu_ffn_bwd_cuda, "gelu_ffn backward, cuBLASLt");
 #endif
 }

@@ -114,5 +114,6 @@ def test_installed_extension_linked_cuda_kernels():
         if os.environ.get("FASTTX_BUILD_CUDA") == "1":  # CUDA was asked for: a CPU-only build is a failure
             pytest.fail(reason)
         pytest.skip(reason)
-    for name in ("bias_gelu_fwd_cuda", "bias_gelu_bwd_cuda", "layer_norm_fwd_cuda", "layer_norm_bwd_cuda"):
+    for name in ("bias_gelu_fwd_cuda", "bias_gelu_bwd_cuda", "layer_norm_fwd_cuda", "layer_norm_bwd_cuda",
+                 "gelu_ffn_fwd_cuda", "gelu_ffn_bwd_cuda"):
         assert callable(getattr(ext, name, None)), f"fasttx._C is built with CUDA but lacks {name}"

@@ -14,6 +14,7 @@
 // The arithmetic is csrc/common/gelu.h, the same templates the CPU tests check.
 #include "common/gelu.h"
 #include "ops.h"
+#include "cuda/cuda_math.cuh"
 #include "cuda/pack.cuh"
 
 #include <ATen/Dispatch.h>
@@ -31,19 +32,6 @@
 
 namespace fasttx {
 namespace {
-
-// The transcendentals gelu.h asks for. __expf is the SFU exp2 path (a few ulp,
-// plenty for GELU); erff and tanhf stay the accurate library versions so fp32
-// results match PyTorch to fp32 tolerance. Spelled out here so the choice does
-// not hinge on the --use_fast_math flag.
-struct CudaMath {
-  static __device__ __forceinline__ float erf(float x) { return erff(x); }
-  static __device__ __forceinline__ float exp(float x) { return __expf(x); }
-  static __device__ __forceinline__ float tanh(float x) { return tanhf(x); }
-  static __device__ __forceinline__ double erf(double x) { return ::erf(x); }
-  static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
-  static __device__ __forceinline__ double tanh(double x) { return ::tanh(x); }
-};
 
 constexpr int kThreads = 256;
 

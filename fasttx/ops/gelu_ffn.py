@@ -122,7 +122,7 @@ def _empty(t: Tensor) -> Tensor:
 def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str,
              backend: str) -> tuple[Tensor, Tensor]:
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, x)
-    if 0 in (*x.shape, w1.shape[0]):  # nothing for a kernel to do; the contract still holds
+    if 0 in (*x.shape, *w1.shape, w2.shape[0]):  # nothing for a kernel to do; the contract still holds
         impl = IMPLEMENTATIONS[-1]
     return tuple(impl.forward(x, w1, b1, w2, b2, activation))
 
@@ -130,7 +130,7 @@ def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
 def _backward(grad_out: Tensor, x: Tensor, preact: Tensor, w1: Tensor, w2: Tensor, has_b1: bool, has_b2: bool,
               activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, x)
-    if 0 in (*x.shape, w1.shape[0]):
+    if 0 in (*x.shape, *w1.shape, w2.shape[0]):
         impl = IMPLEMENTATIONS[-1]
     grads = impl.backward(grad_out.contiguous(), x, preact, w1, w2, has_b1, has_b2, activation)
     return tuple(g if g is not None else _empty(x) for g in grads)
