@@ -86,13 +86,15 @@ def triton_error() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def machine_reasons() -> Mapping[str, Optional[str]]:
-    """For each backend, None if it can run on this machine, else why not.
+def machine_reasons() -> dict[str, Optional[str]]:
+    """For each backend, None if it can run on this machine, else why not."""
+    return dict(_machine_reasons())
 
-    Read once per process, since every op call asks: the extension, the GPU and
-    TRITON_INTERPRET (which triton itself reads once, at import) stay as they are.
-    """
+
+@functools.lru_cache(maxsize=None)
+def _machine_reasons() -> Mapping[str, Optional[str]]:
+    """machine_reasons(), read once per process, since every op call asks: the extension,
+    the GPU and TRITON_INTERPRET (which triton itself reads once, at import) stay as they are."""
     ext_err = extension_error()
     reasons: dict[str, Optional[str]] = {"torch": None}
     reasons["cpu"] = ext_err
@@ -152,7 +154,7 @@ class BackendUnavailableError(RuntimeError):
 def choose(op: str, impls: Sequence[Implementation], requested: str, *args) -> Implementation:
     """Pick the implementation of ``op`` for ``args``. ``requested`` is 'auto' or a backend name."""
     _check_name(requested)
-    machine = machine_reasons()
+    machine = _machine_reasons()
     reasons = {}
     for impl in impls:
         why = machine[impl.backend] or impl.why_not(*args)
