@@ -1,8 +1,8 @@
 // gelu_ffn on the CPU: out = act(x w1^T + b1) w2^T + b2 and its backward.
 // The GEMMs are ATen's (MKL/oneDNN BLAS, transposes passed as flags, never
 // copied), with the biases as their beta term; between them run the
-// elementwise passes of gelu_ffn_vec.h. Only preact is kept for backward:
-// act(preact) is recomputed there.
+// elementwise passes of gelu_ffn_vec.h, block of tokens by block of tokens.
+// Only preact is kept for backward: act(preact) is recomputed there.
 #include "ops.h"
 
 #include <ATen/ATen.h>
@@ -40,10 +40,23 @@ Activation check_activation(const char* op, int64_t activation) {
   return static_cast<Activation>(activation);
 }
 
-// Row chunks of grad_b1's partial sums: a function of M alone (determinism).
+// Row chunks of grad_b1's partial sums: a function of the rows alone (determinism).
 int64_t bias_grad_chunks(int64_t m) {
   constexpr int64_t kMaxChunks = 64, kMinChunkRows = 16;
   return std::max<int64_t>(1, std::min(kMaxChunks, m / kMinChunkRows));
+}
+
+// Tokens per block. A block's (rows, H) slices of act and grad_h stay in cache
+// from the GEMM or pass that writes them to the GEMM that reads them, and are
+// the only (., H) buffers besides preact: no 4d-per-token tensor is allocated
+// (and page-faulted) afresh but preact. The weight gradients then add up over
+// blocks; in bf16/fp16 that would round them once per block, so reduced
+// precision runs as one block, the rounding of torch's own single GEMM.
+int64_t rows_per_block(int64_t m, int64_t h, at::ScalarType dtype) {
+  if (at::toOpMathType(dtype) != dtype) return std::max<int64_t>(m, 1);
+  constexpr int64_t kBlockBytes = int64_t(8) << 20, kMinRows = 256;
+  const int64_t rows = kBlockBytes / (std::max<int64_t>(h, 1) * int64_t(c10::elementSize(dtype))) / 64 * 64;
+  return std::max<int64_t>(1, std::min(m, std::max(kMinRows, rows)));
 }
 
 // Null where this CPU has no vector kernels: ATen's own then run the passes.
@@ -86,17 +99,24 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(const at::Tensor& x, const a
   // b1 goes in as the GEMM's beta term, so that bf16 preact is rounded once,
   // as in torch's addmm: rounding x w1^T first and then adding b1 flips the
   // sign of small pre-activations, which is all ReLU's gradient looks at.
-  auto preact = empty_output({m, h}, x.options());
-  if (b1) at::addmm_out(preact, *b1, x, w1.t());
-  else at::mm_out(preact, x, w1.t());
-  at::Tensor act;
-  if (const FfnActivationKernels* kernels = vector_kernels()) {
-    act = empty_output({m, h}, x.options());
-    kernels->forward(preact, act, act_kind);
-  } else {
-    act = activation_ref(preact, act_kind);
+  const FfnActivationKernels* kernels = vector_kernels();
+  // Not empty_output's huge pages: on our VMs their synchronous compaction
+  // stalled this GEMM-bound forward by up to 30%, more than the page faults
+  // they save.
+  auto preact = at::empty({m, h}, x.options());
+  auto out = at::empty({m, d_out}, x.options());
+  const int64_t block = rows_per_block(m, h, x.scalar_type());
+  auto act = at::empty({std::min(block, m), h}, x.options());
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t n = std::min(block, m - r0);
+    auto p = preact.narrow(0, r0, n), a = act.narrow(0, 0, n), o = out.narrow(0, r0, n);
+    if (b1) at::addmm_out(p, *b1, x.narrow(0, r0, n), w1.t());
+    else at::mm_out(p, x.narrow(0, r0, n), w1.t());
+    if (kernels) kernels->forward(p, a, act_kind);
+    else a.copy_(activation_ref(p, act_kind));
+    if (b2) at::addmm_out(o, *b2, a, w2.t());
+    else at::mm_out(o, a, w2.t());
   }
-  auto out = b2 ? at::addmm(*b2, act, w2.t()) : at::mm(act, w2.t());
   return {out, preact};
 }
 
@@ -115,26 +135,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
   const Activation act_kind = check_activation(op, activation);
   const auto acc = at::toOpMathType(x.scalar_type());
 
-  auto grad_h = empty_output({m, h}, x.options());
-  at::mm_out(grad_h, grad_out, w2);  // grad of act(preact), made grad_h in place below
-  at::Tensor act, grad_b1;
-  if (const FfnActivationKernels* kernels = vector_kernels()) {
-    act = empty_output({m, h}, x.options());
-    at::Tensor partial;
-    if (has_b1) {
-      grad_b1 = at::empty({h}, x.options());
-      partial = at::empty({bias_grad_chunks(m), h}, x.options().dtype(acc));
+  const FfnActivationKernels* kernels = vector_kernels();
+  const int64_t block = rows_per_block(m, h, x.scalar_type());
+  auto grad_h = at::empty({std::min(block, m), h}, x.options());
+  auto act = at::empty_like(grad_h);
+  auto grad_x = at::empty({m, d}, x.options());
+  auto grad_w1 = at::zeros({h, d}, x.options());
+  auto grad_w2 = at::zeros({d_out, h}, x.options());
+  auto grad_b1 = has_b1 ? at::zeros({h}, x.options()) : at::Tensor();
+  auto grad_b1_block = has_b1 ? at::empty({h}, x.options()) : at::Tensor();
+  auto partial = has_b1 && kernels ? at::empty({bias_grad_chunks(std::min(block, m)), h}, x.options().dtype(acc))
+                                   : at::Tensor();
+  // Blocks in row order, each summed into the weight and bias grads in turn:
+  // the same order on every run.
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t n = std::min(block, m - r0);
+    auto g = grad_h.narrow(0, 0, n), a = act.narrow(0, 0, n), p = preact.narrow(0, r0, n);
+    auto go = grad_out.narrow(0, r0, n), xb = x.narrow(0, r0, n), gx = grad_x.narrow(0, r0, n);
+    at::mm_out(g, go, w2);  // the grad of act(preact), made grad_h in place
+    if (kernels) {
+      kernels->backward(g, p, a, grad_b1_block, partial, act_kind);
+    } else {
+      g.copy_(activation_grad_ref(g, p, act_kind));
+      a.copy_(activation_ref(p, act_kind));
+      if (has_b1) grad_b1_block.copy_(g.sum(0, false, acc));
     }
-    kernels->backward(grad_h, preact, act, grad_b1, partial, act_kind);
-  } else {
-    grad_h = activation_grad_ref(grad_h, preact, act_kind);
-    act = activation_ref(preact, act_kind);
-    if (has_b1) grad_b1 = grad_h.sum(0, false, acc).to(x.scalar_type());
+    if (has_b1) grad_b1.add_(grad_b1_block);
+    grad_w2.addmm_(go.t(), a);
+    grad_w1.addmm_(g.t(), xb);
+    at::mm_out(gx, g, w1);
   }
-  auto grad_w2 = at::mm(grad_out.t(), act);
-  act.reset();  // 4d values per token: let the allocator have them back before the next GEMMs
-  auto grad_w1 = at::mm(grad_h.t(), x);
-  auto grad_x = at::mm(grad_h, w1);
   auto grad_b2 = has_b2 ? grad_out.sum(0, false, acc).to(x.scalar_type()) : at::Tensor();
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
 }
