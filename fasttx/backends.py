@@ -147,6 +147,17 @@ def device_reason(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def device_only(backend: str) -> Callable[..., Optional[str]]:
+    """The why_not of an implementation that serves every dtype of its op on its own device."""
+    return lambda x, *rest: device_reason(backend, x.device)
+
+
+def triton_why_not(x: torch.Tensor, *rest) -> Optional[str]:
+    """The why_not of the Triton kernels: CUDA tensors (or the interpreter's CPU ones) up to float32."""
+    return device_reason("triton", x.device) or (
+        "the triton kernels take float16, bfloat16 or float32, got float64" if x.dtype == torch.float64 else None)
+
+
 class BackendUnavailableError(RuntimeError):
     pass
 

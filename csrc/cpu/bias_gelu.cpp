@@ -27,13 +27,6 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& bias, i
 
 const char* approx_name(int64_t approximate) { return approximate == 1 ? "tanh" : "none"; }
 
-// Row chunks of the backward's grad_bias partials (see bias_gelu_vec.h): a
-// function of the shape alone, so that grad_bias is bitwise reproducible.
-int64_t backward_chunks(int64_t m) {
-  constexpr int64_t kMaxChunks = 64, kMinChunkRows = 16;
-  return std::max<int64_t>(1, std::min(kMaxChunks, m / kMinChunkRows));
-}
-
 // The vector kernels for this CPU; null where there are none (ATen's own
 // kernels, vectorized for this CPU, then beat scalar loops of ours).
 const BiasGeluKernels* vector_kernels() {
@@ -71,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad, con
   }
   auto dx = empty_output(x);
   auto db = at::empty_like(bias);
-  auto partial = at::empty({backward_chunks(x.size(0)), x.size(1)}, x.options().dtype(acc));
+  auto partial = at::empty({column_sum_parts(x.size(0)), x.size(1)}, x.options().dtype(acc));
   kernels->backward(grad, x, bias, dx, db, partial, static_cast<GeluApprox>(approximate));
   return {dx, db};
 }

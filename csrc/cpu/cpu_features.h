@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace fasttx {
@@ -37,6 +38,15 @@ inline CpuIsa cpu_isa() {
 // cpu/vec/io.h): too big to stay in cache, so reading each line before
 // overwriting it would only add traffic.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Row parts of every deterministic column reduction (grad_bias, dweight,
+// dbias): fixed-order partial sums over row ranges that are a function of
+// the row count alone, so the result is bitwise reproducible whatever the
+// thread count.
+inline int64_t column_sum_parts(int64_t rows) {
+  constexpr int64_t kMaxParts = 64, kMinPartRows = 16;
+  return std::max<int64_t>(1, std::min(kMaxParts, rows / kMinPartRows));
+}
 
 // A fresh output tensor for a kernel that writes all of it. Above glibc's
 // 32 MB mmap threshold a fresh block costs one page fault per 4 KB on first

@@ -40,12 +40,6 @@ Activation check_activation(const char* op, int64_t activation) {
   return static_cast<Activation>(activation);
 }
 
-// Row chunks of grad_b1's partial sums: a function of the rows alone (determinism).
-int64_t bias_grad_chunks(int64_t m) {
-  constexpr int64_t kMaxChunks = 64, kMinChunkRows = 16;
-  return std::max<int64_t>(1, std::min(kMaxChunks, m / kMinChunkRows));
-}
-
 // Tokens per block. A block's (rows, H) slices of act and grad_h stay in cache
 // from the GEMM or pass that writes them to the GEMM that reads them, and are
 // the only (., H) buffers besides preact: no 4d-per-token tensor is allocated
@@ -144,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
   auto grad_w2 = at::zeros({d_out, h}, x.options());
   auto grad_b1 = has_b1 ? at::zeros({h}, x.options()) : at::Tensor();
   auto grad_b1_block = has_b1 ? at::empty({h}, x.options()) : at::Tensor();
-  auto partial = has_b1 && kernels ? at::empty({bias_grad_chunks(std::min(block, m)), h}, x.options().dtype(acc))
+  auto partial = has_b1 && kernels ? at::empty({column_sum_parts(std::min(block, m)), h}, x.options().dtype(acc))
                                    : at::Tensor();
   // Blocks in row order, each summed into the weight and bias grads in turn:
   // the same order on every run.

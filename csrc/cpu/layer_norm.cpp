@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   TORCH_CHECK(rms || mu.defined(), "layer_norm backward: mean is required unless rms");
   const int64_t m = s.size(0), n = s.size(1);
   const auto acc = rstd.scalar_type();
-  const int64_t parts = norm_backward_parts(m);
+  const int64_t parts = column_sum_parts(m);
   auto gx = empty_output(s);
   auto dw_part = w.defined() ? at::empty({parts, n}, s.options().dtype(acc)) : at::Tensor();
   auto db_part = has_bias ? at::empty({parts, n}, s.options().dtype(acc)) : at::Tensor();

@@ -55,7 +55,7 @@ void norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_s, const at:
                    const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& weight_partial,
                    const at::Tensor& bias_partial, bool rms) {
   const int64_t m = s.size(0), n = s.size(1);
-  const int64_t parts = norm_backward_parts(m);
+  const int64_t parts = column_sum_parts(m);
   const bool stream = int64_t(s.nbytes()) >= kStreamBytes;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "layer_norm_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;

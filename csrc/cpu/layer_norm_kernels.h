@@ -31,12 +31,4 @@ namespace portable { extern const NormKernels norm; }
 namespace avx2 { extern const NormKernels norm; }
 namespace avx512 { extern const NormKernels norm; }
 
-// Row ranges ("parts") of the backward's dweight/dbias partials: a function of
-// the shape alone, so that the reduction, and so the result, is bitwise
-// reproducible whatever the thread count.
-inline int64_t norm_backward_parts(int64_t rows) {
-  constexpr int64_t kMaxParts = 64, kMinPartRows = 16;
-  return std::max<int64_t>(1, std::min(kMaxParts, rows / kMinPartRows));
-}
-
 }  // namespace fasttx

@@ -95,20 +95,11 @@ def _triton_backward(*args):
     return k.gelu_ffn_backward(*args)
 
 
-def _device_only(backend):
-    return lambda x: backends.device_reason(backend, x.device)
-
-
-def _triton_why_not(x):
-    return backends.device_reason("triton", x.device) or (
-        "the triton kernels take float16, bfloat16 or float32, got float64" if x.dtype == torch.float64 else None)
-
-
 IMPLEMENTATIONS = (
-    backends.Implementation("triton", _triton_forward, _triton_backward, _triton_why_not),
-    backends.Implementation("cuda", _cuda_forward, _cuda_backward, _device_only("cuda")),
-    backends.Implementation("cpu", _cpu_forward, _cpu_backward, _device_only("cpu")),
-    backends.Implementation("torch", _torch_forward, _torch_backward, _device_only("torch")),
+    backends.Implementation("triton", _triton_forward, _triton_backward, backends.triton_why_not),
+    backends.Implementation("cuda", _cuda_forward, _cuda_backward, backends.device_only("cuda")),
+    backends.Implementation("cpu", _cpu_forward, _cpu_backward, backends.device_only("cpu")),
+    backends.Implementation("torch", _torch_forward, _torch_backward, backends.device_only("torch")),
 )
 
 
