@@ -61,6 +61,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& preact, const at::Tensor& w1,
     const at::Tensor& w2, bool has_b1, bool has_b2, int64_t activation);
 
+// scaled_dot_product_attention, flash style: q (B, Hq, Tq, D), k and v
+// (B, Hk, Tk, D), all contiguous and of one dtype; Hq is a multiple of Hk and
+// q head h reads k/v head h / (Hq / Hk) (grouped-query attention).
+//   s_ij = scale * q_i . k_j + mask_ij    (j > i is masked when is_causal: top-left aligned,
+//                                          torch's rule, also when Tq != Tk)
+//   p_ij = softmax_j(s_ij);  out_i = sum_j dropout(p_ij) v_j
+// mask, when given, is additive, float32 (float64 for float64 q), of shape
+// (B, Hq, Tq, Tk) with stride 1 in its last dim and any other strides,
+// 0 for broadcast dims (a key-padding mask (B, 1, 1, Tk) arrives expanded,
+// strides (Tk, 0, 0, 1)). -inf masks a score. A row whose scores are all
+// masked gives out_i = 0 (torch's rule), and its gradients are 0.
+// Dropout (dropout_p in [0, 1)) uses csrc/common/philox.h with
+// bh = b * Hq + h, row = i, col = j; threshold = floor(dropout_p * 2^32);
+// kept values are scaled by 1 / (1 - dropout_p). The backward regenerates it.
+// The forward returns (out, lse): out like q; lse (B, Hq, Tq) in float32
+// (float64 for float64 q) is log sum_j exp(s_ij), before dropout, and +inf
+// for a fully masked row so that exp(s_ij - lse_i) recomputes p_ij = 0.
+// The backward returns (grad_q, grad_k, grad_v) shaped like q, k, v; it is
+// bitwise deterministic (no atomics; grouped heads are summed in a fixed order).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal,
+    double scale, double dropout_p, int64_t seed, int64_t offset);
+
+// softmax: y = softmax(scale * x + mask) over the last dim of x (B, H, Tq, Tk)
+// contiguous; mask and is_causal as in attention (mask in float32, float64
+// for float64 x). A fully masked row gives 0. The backward returns
+// grad_x = scale * y * (grad_y - sum(grad_y * y)).
+at::Tensor softmax_fwd_cpu(const at::Tensor& x, double scale, const std::optional<at::Tensor>& mask, bool is_causal);
+at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y, double scale);
+
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
@@ -80,6 +114,18 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& preact, const at::Tensor& w1,
     const at::Tensor& w2, bool has_b1, bool has_b2, int64_t activation);
+// attention on cuBLAS batched GEMMs around the fused scaled-masked softmax,
+// and that softmax alone: the contracts of the CPU entry points above.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    bool is_causal, double scale, double dropout_p, int64_t seed, int64_t offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal,
+    double scale, double dropout_p, int64_t seed, int64_t offset);
+at::Tensor softmax_fwd_cuda(const at::Tensor& x, double scale, const std::optional<at::Tensor>& mask,
+                            bool is_causal);
+at::Tensor softmax_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& y, double scale);
 #endif
 
 }  // namespace fasttx
