@@ -17,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_bwd_cpu", &fasttx::layer_norm_bwd_cpu, "layer/rms/add-layer norm backward, CPU");
   m.def("gelu_ffn_fwd_cpu", &fasttx::gelu_ffn_fwd_cpu, "act(x w1^T + b1) w2^T + b2, CPU");
   m.def("gelu_ffn_bwd_cpu", &fasttx::gelu_ffn_bwd_cpu, "gelu_ffn backward, CPU");
+  m.def("attention_fwd_cpu", &fasttx::attention_fwd_cpu, "flash attention forward, CPU");
+  m.def("attention_bwd_cpu", &fasttx::attention_bwd_cpu, "flash attention backward, CPU");
+  m.def("softmax_fwd_cpu", &fasttx::softmax_fwd_cpu, "scaled masked softmax forward, CPU");
+  m.def("softmax_bwd_cpu", &fasttx::softmax_bwd_cpu, "scaled masked softmax backward, CPU");
 #ifdef FASTTX_WITH_CUDA
   m.def("bias_gelu_fwd_cuda", &fasttx::bias_gelu_fwd_cuda, "gelu(x + bias), CUDA");
   m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");
@@ -24,5 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_bwd_cuda", &fasttx::layer_norm_bwd_cuda, "layer/rms/add-layer norm backward, CUDA");
   m.def("gelu_ffn_fwd_cuda", &fasttx::gelu_ffn_fwd_cuda, "act(x w1^T + b1) w2^T + b2, cuBLASLt");
   m.def("gelu_ffn_bwd_cuda", &fasttx::gelu_ffn_bwd_cuda, "gelu_ffn backward, cuBLASLt");
+  m.def("attention_fwd_cuda", &fasttx::attention_fwd_cuda, "attention forward: cuBLAS GEMMs + fused softmax, CUDA");
+  m.def("attention_bwd_cuda", &fasttx::attention_bwd_cuda, "attention backward: cuBLAS GEMMs + fused softmax, CUDA");
+  m.def("softmax_fwd_cuda", &fasttx::softmax_fwd_cuda, "scaled masked softmax forward, CUDA");
+  m.def("softmax_bwd_cuda", &fasttx::softmax_bwd_cuda, "scaled masked softmax backward, CUDA");
 #endif
 }
