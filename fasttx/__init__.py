@@ -1,8 +1,8 @@
 """fasttx: hand-written Triton, CUDA and C++ kernels for Transformers."""
 from fasttx.backends import BACKENDS, BackendUnavailableError, use_backend
 from fasttx import nn
-from fasttx.ops import add_layer_norm, bias_gelu, gelu_ffn, layer_norm, rms_norm
+from fasttx.ops import add_layer_norm, bias_gelu, gelu_ffn, layer_norm, rms_norm, scaled_dot_product_attention, softmax
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "bias_gelu", "gelu_ffn", "layer_norm", "add_layer_norm", "rms_norm",
-           "nn", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "bias_gelu", "gelu_ffn", "layer_norm",
+           "add_layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax", "nn", "__version__"]

@@ -20,6 +20,9 @@ def _leaves(*shapes):
 def _cases():
     x, r, w, b = _leaves((6, 33), (6, 33), (33,), (33,))
     w1, b1, w2, b2 = _leaves((40, 33), (40,), (33, 40), (33,))
+    q, k, v = _leaves((2, 4, 9, 16), (2, 2, 11, 16), (2, 2, 11, 16))
+    scores = _leaves((2, 3, 9, 11))[0]
+    no_seed = torch.zeros((), dtype=torch.int64)
     ops = torch.ops.fasttx
     return {
         "bias_gelu": ((x, b), lambda: fasttx.bias_gelu(x, b, "tanh"),
@@ -32,10 +35,15 @@ def _cases():
                      lambda: ops.norm_forward(x, None, w, None, 1e-6, True, "cpu")[0]),
         "gelu_ffn": ((x, w1, b1, w2, b2), lambda: fasttx.gelu_ffn(x, w1, b1, w2, b2, "relu"),
                      lambda: ops.gelu_ffn_forward(x, w1, b1, w2, b2, "relu", "cpu")[0]),
+        "attention": ((q, k, v), lambda: fasttx.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                      lambda: ops.attention_forward(q, k, v, None, True, 0.25, 0.0, no_seed, "cpu")[0]),
+        "softmax": ((scores,), lambda: fasttx.softmax(scores, 0.5, is_causal=True),
+                    lambda: ops.softmax_forward(scores, 0.5, None, True, "cpu")),
     }
 
 
-@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "add_layer_norm", "rms_norm", "gelu_ffn"])
+@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "add_layer_norm", "rms_norm", "gelu_ffn", "attention",
+                                "softmax"])
 def test_eager_path_equals_the_custom_op_bitwise(op):
     skip_unless_runnable("cpu", "cpu")
     leaves, eager_call, op_call = _cases()[op]

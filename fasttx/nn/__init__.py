@@ -1,5 +1,6 @@
 """Drop-in modules with the exact constructors and parameter names of the torch modules they replace."""
+from fasttx.nn.attention import MultiheadSelfAttention
 from fasttx.nn.feed_forward import GELUFFN
 from fasttx.nn.normalization import LayerNorm, RMSNorm
 
-__all__ = ["GELUFFN", "LayerNorm", "RMSNorm"]
+__all__ = ["GELUFFN", "LayerNorm", "MultiheadSelfAttention", "RMSNorm"]

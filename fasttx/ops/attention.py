@@ -1,0 +1,341 @@
+"""scaled_dot_product_attention: softmax(q k^T * scale + mask) v, flash style.
+
+Eager attention writes the whole Tq x Tk score matrix, reads it back for the
+softmax, writes the probabilities and keeps them for backward: O(T^2) memory
+and several passes over it. The flash algorithm walks key blocks with an
+online softmax, keeps only the log-sum-exp of each row (lse), and the backward
+recomputes the probabilities from q, k and lse: O(T) extra memory.
+
+Backends: triton (FlashAttention-2 forward and backward), cuda (cuBLAS batched
+GEMMs around the fused scaled-masked softmax of csrc/cuda/softmax.cuh), cpu (a
+blocked flash algorithm in C++) and torch, the reference. Their shared
+contract is stated once, above attention_fwd_cpu in csrc/ops.h: q (B, Hq, Tq,
+D), k and v (B, Hk, Tk, D), an additive fp32 mask with broadcast strides, lse
++inf for a row with nothing to attend to, dropout from the Philox bits of
+csrc/common/philox.h.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fasttx import backends
+from fasttx.ops._checks import check_float, check_same, check_tensor
+from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops.philox import dropout_keep_mask
+
+_OP = "scaled_dot_product_attention"
+
+
+# ---- reference: plain PyTorch ---------------------------------------------------
+
+def scaled_dot_product_attention_ref(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                     enable_gqa=False):
+    """PyTorch's own SDPA (the math it dispatches to on this input)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                          enable_gqa=enable_gqa)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_mask(tq: int, tk: int, device=None) -> Tensor:
+    """True where query i may see key j: j <= i, top-left aligned as torch aligns is_causal."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril()
+
+
+# ---- the torch backend: the kernels' contract in PyTorch --------------------------
+# (B, Hq, Tq, D) q against (B, Hk, Tk, D) k/v. The Hq // Hk query heads of a group are
+# adjacent, so q viewed as (B, Hk, G * Tq, D) meets its k/v head without copying k/v.
+
+def _scores(q, k, mask, is_causal, scale):
+    B, Hq, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    s = (_grouped(q.to(acc), Hk) @ k.to(acc).transpose(-1, -2)).mul_(scale).view(B, Hq, Tq, Tk)
+    if mask is not None:
+        s = s + mask
+    if is_causal:
+        s = s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    return s
+
+
+def _probabilities(s, lse):
+    return torch.exp(s - lse.unsqueeze(-1))  # lse = +inf (nothing to attend to) gives 0, not NaN
+
+
+def _dropped(p, dropout_p, seed, offset):
+    if dropout_p == 0.0:
+        return p
+    B, H, Tq, Tk = p.shape
+    keep = dropout_keep_mask(seed, offset, B, H, Tq, Tk, dropout_p, p.device)
+    return p * keep / (1.0 - dropout_p)
+
+
+def _grouped(t, Hk):  # (B, Hq, T, X) -> (B, Hk, G * T, X)
+    B, Hq, T, X = t.shape
+    return t.reshape(B, Hk, Hq // Hk * T, X)
+
+
+def _torch_forward(q, k, v, mask, is_causal, scale, dropout_p, seed, offset):
+    B, Hq, Tq, _ = q.shape
+    Hk = k.shape[1]
+    s = _scores(q, k, mask, is_causal, scale)
+    lse = torch.logsumexp(s, -1)
+    lse = torch.where(lse == float("-inf"), float("inf"), lse)
+    p = _dropped(_probabilities(s, lse), dropout_p, seed, offset)
+    out = (_grouped(p, Hk) @ v.to(p.dtype)).view(B, Hq, Tq, v.shape[-1])
+    return out.to(q.dtype), lse
+
+
+def _torch_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, offset):
+    Hk = k.shape[1]
+    s = _scores(q, k, mask, is_causal, scale)
+    acc = s.dtype
+    p = _probabilities(s, lse)
+    do = grad_out.to(acc)
+    grad_v = _grouped(_dropped(p, dropout_p, seed, offset), Hk).transpose(-1, -2) @ _grouped(do, Hk)
+    grad_p = _dropped((_grouped(do, Hk) @ v.to(acc).transpose(-1, -2)).view(s.shape), dropout_p, seed, offset)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)  # sum_j p_ij dP_ij, dropout included
+    grad_s = (p * (grad_p - delta)).mul_(scale)
+    grad_q = (_grouped(grad_s, Hk) @ k.to(acc)).view(q.shape)
+    grad_k = _grouped(grad_s, Hk).transpose(-1, -2) @ _grouped(q.to(acc), Hk)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+# ---- the other backends ---------------------------------------------------------
+
+def _cpu_forward(*args):
+    return backends.extension().attention_fwd_cpu(*args)
+
+
+def _cpu_backward(*args):
+    return backends.extension().attention_bwd_cpu(*args)
+
+
+def _cuda_forward(*args):
+    return backends.extension().attention_fwd_cuda(*args)
+
+
+def _cuda_backward(*args):
+    return backends.extension().attention_bwd_cuda(*args)
+
+
+def _triton_forward(*args):
+    from fasttx.kernels import attention as k
+    return k.attention_forward(*args)
+
+
+def _triton_backward(*args):
+    from fasttx.kernels import attention as k
+    return k.attention_backward(*args)
+
+
+def _same_head_dim(q, k, v, *rest) -> Optional[str]:
+    if v.shape[-1] != q.shape[-1]:
+        return f"the kernels need v's head dim equal to q's, got {v.shape[-1]} and {q.shape[-1]}"
+    return None
+
+
+def _kernel_why_not(device_rule):
+    return lambda q, k, v, *rest: device_rule(q) or _same_head_dim(q, k, v)
+
+
+def _triton_why_not(q, k, v, *rest) -> Optional[str]:
+    why = backends.triton_why_not(q) or _same_head_dim(q, k, v)
+    if why is None and not 16 <= q.shape[-1] <= 256:
+        why = f"the triton kernels take head dims 16 to 256, got {q.shape[-1]}"
+    return why
+
+
+IMPLEMENTATIONS = (
+    backends.Implementation("triton", _triton_forward, _triton_backward, _triton_why_not),
+    backends.Implementation("cuda", _cuda_forward, _cuda_backward, _kernel_why_not(backends.device_only("cuda"))),
+    backends.Implementation("cpu", _cpu_forward, _cpu_backward, _kernel_why_not(backends.device_only("cpu"))),
+    backends.Implementation("torch", _torch_forward, _torch_backward, backends.device_only("torch")),
+)
+
+
+# ---- forward and backward on (B, H, T, D): the bodies of the custom ops ----------------
+# seed is a 0-d int64 tensor so that torch.compile traces the draw instead of baking one in.
+
+def _nothing_to_compute(q, k):
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+             dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
+    if _nothing_to_compute(q, k):  # no kernel launch; the contract (zeros, lse +inf) still holds
+        impl = IMPLEMENTATIONS[-1]
+    return tuple(impl.forward(q, k, v, mask, is_causal, scale, dropout_p, int(seed), 0))
+
+
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+              is_causal: bool, scale: float, dropout_p: float, seed: Tensor,
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
+    if _nothing_to_compute(q, k):
+        impl = IMPLEMENTATIONS[-1]
+    return tuple(impl.backward(grad_out.contiguous(), q, k, v, out, lse, mask, is_causal, scale, dropout_p,
+                               int(seed), 0))
+
+
+@torch.library.custom_op("fasttx::attention_forward", mutates_args=())
+def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+                          dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, backend)
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, mask, is_causal, scale, dropout_p, seed, backend):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("fasttx::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           mask: Optional[Tensor], is_causal: bool, scale: float, dropout_p: float, seed: Tensor,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, backend)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, is_causal, scale, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)  # O(T) beyond the inputs: never the probabilities
+    ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.backend = is_causal, scale, dropout_p, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_backward(backward):
+    def run(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        grads = backward(grad_out, q, k, v, out, lse, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed,
+                         ctx.backend)
+        return (*grads, None, None, None, None, None, None)
+    return run
+
+
+_attention_forward_op.register_autograd(_autograd_backward(_attention_backward_op), setup_context=_setup_context)
+_AttentionFunction = eager_function("_AttentionFunction", _forward, _setup_context, _autograd_backward(_backward))
+
+
+# ---- public API: torch's SDPA signature and semantics --------------------------------
+
+def _additive_mask(attn_mask: Tensor, q: Tensor) -> Tensor:
+    """A bool mask (True = attend) or a float one, as the kernels' additive fp32 (fp64) mask."""
+    acc = _acc_dtype(q.dtype)
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=acc, device=attn_mask.device).masked_fill_(~attn_mask,
+                                                                                             float("-inf"))
+    return attn_mask.to(acc)
+
+
+def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        check_tensor(_OP, name, t)
+        if t.dim() < 3:
+            raise ValueError(f"fasttx.{_OP}: {name} must have shape (..., heads, seq_len, head_dim) with at "
+                             f"least 3 dims, got {tuple(t.shape)}")
+    check_float(_OP, "query", q)
+    for name, t in (("key", k), ("value", v)):
+        check_same(_OP, name, t, "query", q)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"fasttx.{_OP}: query and key must have the same head_dim (last dim), got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"fasttx.{_OP}: key and value must agree in every dim but the last, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    hq, hk = q.shape[-3], k.shape[-3]
+    if enable_gqa:
+        if hq % hk:
+            raise ValueError(f"fasttx.{_OP}: with enable_gqa the number of query heads ({hq}, dim -3 of query "
+                             f"{tuple(q.shape)}) must be a multiple of the key/value heads ({hk})")
+    elif hk not in (hq, 1):
+        raise ValueError(f"fasttx.{_OP}: query has {hq} heads and key/value {hk} (dim -3); they must match, "
+                         "or pass enable_gqa=True for grouped key/value heads")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"fasttx.{_OP}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"fasttx.{_OP}: scale must be a float or None, got {type(scale).__name__}")
+    if attn_mask is None:
+        return
+    check_tensor(_OP, "attn_mask", attn_mask)
+    if is_causal:
+        raise ValueError(f"fasttx.{_OP}: pass either attn_mask or is_causal=True, not both (as torch requires)")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        raise TypeError(f"fasttx.{_OP}: attn_mask must be bool or have query's dtype {q.dtype}, got "
+                        f"{attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"fasttx.{_OP}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+    if attn_mask.requires_grad:
+        raise ValueError(f"fasttx.{_OP}: attn_mask requires grad; fasttx computes no gradient for the mask "
+                         "(detach it, or use torch.nn.functional.scaled_dot_product_attention)")
+    target = (*_batch_shape(q, k), q.shape[-3], q.shape[-2], k.shape[-2])
+    try:
+        fits = torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"fasttx.{_OP}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(..., heads, Tq, Tk) = {target}")
+
+
+def _batch_shape(q, k):
+    try:
+        return torch.broadcast_shapes(q.shape[:-3], k.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"fasttx.{_OP}: the batch dims of query {tuple(q.shape)} and key {tuple(k.shape)} "
+                         "(all but the last three) do not broadcast") from None
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention``, same signature and semantics.
+
+    Layout ``(..., heads, seq_len, head_dim)``. ``is_causal`` is top-left aligned
+    as in torch; a row with nothing to attend to gives 0. Saves O(T) for
+    backward: the inputs, the output and one float per query row.
+    """
+    _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    q, k, v = query, key, value
+    batch = _batch_shape(q, k)
+    hq, hk, tq, tk, d = q.shape[-3], k.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
+    # One key/value head broadcast over the query heads (without enable_gqa) is a group of hq:
+    # the kernels serve it without copying k and v.
+    b = math.prod(batch)
+    q = q.expand(*batch, *q.shape[-3:]).reshape(b, hq, tq, d).contiguous()
+    k = k.expand(*batch, *k.shape[-3:]).reshape(b, hk, tk, d).contiguous()
+    v = v.expand(*batch, *v.shape[-3:]).reshape(b, hk, tk, v.shape[-1]).contiguous()
+    mask = None
+    if attn_mask is not None:
+        mask = _additive_mask(attn_mask, q).expand(*batch, hq, tq, tk)
+        if mask.stride(-1) != 1 and tk > 1:
+            mask = mask.contiguous()
+        mask = mask.reshape(b, hq, tq, tk)  # a view unless several batch dims broadcast differently
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    drop = float(dropout_p)
+    if drop >= 1.0:  # every probability dropped: zeros, still attached to the graph
+        drop, zero_out = 0.0, True
+    else:
+        zero_out = False
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if drop > 0 else torch.zeros((), dtype=torch.int64)
+    args = (q, k, v, mask, bool(is_causal), scale, drop, seed, backends.requested_backend())
+    if plain_eager(q, k, v, mask):
+        out, _ = _AttentionFunction.apply(*args)
+    else:
+        out, _ = _attention_forward_op(*args)
+    if zero_out:
+        out = out * 0.0
+    return out.view(*batch, hq, tq, value.shape[-1])
