@@ -80,6 +80,11 @@ def providers_for(device: torch.device) -> tuple:
     return available + [EAGER, COMPILE], missing
 
 
+def own_providers(spec: OpSpec) -> list:
+    """The PyTorch providers one op adds (spec.torch_providers), e.g. attention's SDPA."""
+    return [Provider(name, lambda spec, case, make=make: make(case)) for name, make in spec.torch_providers]
+
+
 # ---- one case ----------------------------------------------------------------------
 
 @dataclass
@@ -217,6 +222,10 @@ def run_case(spec: OpSpec, case: dict, mode: str, providers: list, device: torch
     eager_times = times.get(EAGER.name)
     for name, t in times.items():
         rows[name].update(_figures(spec, case, mode, t, eager_times, roof))
+        if spec.compare_to and times.get(spec.compare_to):
+            ratio = timing.quantiles([b / x for b, x in zip(times[spec.compare_to], t)])
+            rows[name].update({f"vs_{spec.compare_to}": ratio["median"], f"vs_{spec.compare_to}_q20": ratio["q20"],
+                               f"vs_{spec.compare_to}_q80": ratio["q80"]})
     return list(rows.values())
 
 
@@ -260,7 +269,8 @@ def run_suite(specs: list, cases: dict, threads_list: list, device: torch.device
         tqdm.write(f"{tag} copy {roof['copy']['gbps']:.1f} GB/s, GEMM fp32 {roof['gemm']['gflops']:.1f} GFLOP/s; "
                    f"providers: {', '.join(p.name for p in providers)}")
         for spec in specs:
-            run = _run_op(spec, cases[spec.name], providers, device, settings, alloc, threads, roof)
+            mine = providers + [p for p in own_providers(spec) if not provider_names or p.name in provider_names]
+            run = _run_op(spec, cases[spec.name], mine, device, settings, alloc, threads, roof)
             results[spec.name].append({**run, "unavailable_providers": missing})
     return results
 
@@ -269,14 +279,18 @@ def _run_op(spec, cases, providers, device, settings, alloc, threads, roof) -> d
     """Every case and mode of one op, with a progress bar."""
     load_before, started = os.getloadavg()[0], time.perf_counter()
     run_info = {"allocator": alloc, "threads": threads}
-    rows = []
-    bar = tqdm([(c, m) for c in cases for m in spec.modes], desc=f"{spec.name} [{alloc}, {threads}t]",
-               unit="case", dynamic_ncols=True)
+    rows, left_out = [], {}
+    for c in cases:
+        why = spec.leave_out(c, threads, alloc)
+        if why:
+            left_out[case_label(c)] = why
+    todo = [(c, m) for c in cases if case_label(c) not in left_out for m in spec.modes]
+    bar = tqdm(todo, desc=f"{spec.name} [{alloc}, {threads}t]", unit="case", dynamic_ncols=True)
     for case, mode in bar:
         bar.set_postfix_str(f"{case_label(case)} {mode}")
         rows += run_case(spec, case, mode, providers, device, settings, run_info, roof)
     run = {**run_info, "roofline": roof, "rows": rows, "elapsed_s": round(time.perf_counter() - started, 1),
-           "loadavg_1min": [load_before, os.getloadavg()[0]]}
+           "loadavg_1min": [load_before, os.getloadavg()[0]], "cases_left_out": left_out}
     warning = _busy_warning(run["loadavg_1min"])
     if warning:
         run["busy_warning"] = warning

@@ -110,6 +110,10 @@ def tables(doc: dict) -> str:
                 if run.get("busy_warning"):
                     out += ["", f"**{run['busy_warning']}**"]
                 out += ["", *_table(grows, spec), ""]
+        if run.get("cases_left_out"):
+            out.append(f"Left out at {run['allocator']}, {run['threads']} thread(s): " + "; ".join(
+                f"{label} ({why})" for label, why in run["cases_left_out"].items()))
+            out.append("")
         if run.get("unavailable_providers"):
             out.append("Not run here: " + "; ".join(f"{k} ({v})" for k, v in run["unavailable_providers"].items()))
             out.append("")
@@ -123,7 +127,10 @@ def _table(rows, spec):
         head += ["GB/s", "% copy BW"]
     if spec.flops:
         head += ["GFLOP/s", "% GEMM"]
-    head += ["speedup vs eager: median [q20, q80]", "saved for bwd MB", "peak MB"]
+    head += ["speedup vs eager: median [q20, q80]"]
+    if spec.compare_to:
+        head += [f"vs {spec.compare_to}: median [q20, q80]"]
+    head += ["saved for bwd MB", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [format_param(r[k]) for k in params] + [r["mode"], r["provider"]]
@@ -135,7 +142,10 @@ def _table(rows, spec):
                 cells += [f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%"]
             if spec.flops:
                 cells += [f"{r['gflops']:.1f}", f"{r['pct_gemm']:.0f}%"]
-            cells += [_speedup(r), _mb(r["saved_bytes"]),
+            cells += [_speedup(r)]
+            if spec.compare_to:
+                cells += [_speedup(r, f"vs_{spec.compare_to}")]
+            cells += [_mb(r["saved_bytes"]),
                       NA if r["peak_mem_bytes"] is None else _mb(r["peak_mem_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -145,10 +155,10 @@ def _mb(nbytes):
     return f"{nbytes / 1e6:.1f}" if nbytes >= 1e5 or nbytes == 0 else f"{nbytes / 1e6:.4f}"
 
 
-def _speedup(r):
-    if r.get("speedup") is None:
+def _speedup(r, key="speedup"):
+    if r.get(key) is None:
         return "—"
-    return f"{r['speedup']:.2f} [{r['speedup_q20']:.2f}, {r['speedup_q80']:.2f}]"
+    return f"{r[key]:.2f} [{r[key + '_q20']:.2f}, {r[key + '_q80']:.2f}]"
 
 
 def summary(doc: dict) -> str:
@@ -173,6 +183,8 @@ def summary(doc: dict) -> str:
             if r is None or r["status"] != "ok":
                 cells.append("—")
             else:
-                cells.append(f"{r['median_ms']:.2f}" + (f" ({r['speedup']:.2f}x)" if r.get("speedup") else ""))
+                versus = f", {r[f'vs_{spec.compare_to}']:.2f}x vs {spec.compare_to}" if spec.compare_to and r.get(
+                    f"vs_{spec.compare_to}") else ""
+                cells.append(f"{r['median_ms']:.2f}" + (f" ({r['speedup']:.2f}x{versus})" if r.get("speedup") else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -44,6 +44,12 @@ class OpSpec:
     table_by: tuple = ("dtype",)
     # the cases an issue or a reviewer asks about first; repeated in the summary
     is_key_case: Callable[[dict], bool] = lambda case: False
+    # more PyTorch providers for this op: (name, case -> fn(*inputs)), e.g. a fused torch kernel
+    torch_providers: tuple = ()
+    # one of those names: every row also gets its paired speedup over it ("vs_<name>")
+    compare_to: Optional[str] = None
+    # (case, threads, allocator) -> why this run leaves the case out (None: run it); said in the tables
+    leave_out: Callable[[dict, int, str], Optional[str]] = lambda case, threads, allocator: None
 
 
 def dtype_of(name: str) -> torch.dtype:

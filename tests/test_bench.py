@@ -88,3 +88,16 @@ def test_every_op_sweep_keeps_its_key_case():
     for spec in OPS.values():
         for level in ("full", "quick"):
             assert any(spec.is_key_case(c) for c in spec.sweep(level)), (spec.name, level)
+
+
+def test_an_op_with_its_own_torch_provider_gets_paired_ratios_against_it(tmp_path):
+    """attention's "sdpa" provider runs beside eager, and every row carries its ratio to it."""
+    docs = bench.run(ops=["attention"], level="smoke", threads=[1], reps=3, out_dir=str(tmp_path), echo=False,
+                     providers=["eager", "sdpa", "fasttx-torch"])
+    rows = [r for r in docs["attention"]["runs"][0]["rows"] if r["status"] == "ok"]
+    assert {r["provider"] for r in rows} == {"eager", "sdpa", "fasttx-torch"}
+    for r in rows:
+        assert r["vs_sdpa_q20"] <= r["vs_sdpa"] <= r["vs_sdpa_q80"]
+        if r["provider"] == "sdpa":
+            assert r["vs_sdpa"] == 1.0
+    assert "vs_sdpa" in (tmp_path / "cpu" / "attention.csv").read_text()

@@ -1,5 +1,5 @@
 """The ops the suite knows, by name. One file per op (or kernel family); register it here."""
-from bench.ops import bias_gelu, gelu_ffn, layer_norm
+from bench.ops import attention, bias_gelu, gelu_ffn, layer_norm
 
 OPS = {spec.name: spec for spec in (bias_gelu.SPEC, layer_norm.LAYER_NORM, layer_norm.ADD_LAYER_NORM,
-                                    layer_norm.RMS_NORM, gelu_ffn.SPEC)}
+                                    layer_norm.RMS_NORM, gelu_ffn.SPEC, attention.SPEC)}
