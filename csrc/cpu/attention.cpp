@@ -17,7 +17,9 @@
 // the routine at::native::cpublas::gemm calls: its float/double overloads are
 // not exported, and at::mm_out's dispatch costs more than a small block GEMM.
 // bf16/fp16 blocks are converted to fp32 first: fp32 accumulation is the
-// contract, and CPUs without AMX / AVX512-BF16 (ours) have no faster bf16 GEMM.
+// contract. On CPUs with AVX512-BF16 or AMX a bf16 GEMM with fp32 accumulation
+// (libtorch_cpu also exports MKL's gemm_bf16bf16f32_) would be faster for bf16;
+// not done yet.
 #include "ops.h"
 
 #include <ATen/ATen.h>
