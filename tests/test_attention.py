@@ -13,9 +13,11 @@ from fasttx.ops.philox import dropout_keep_mask
 from backend_params import device_backend_params, skip_unless_runnable
 from tolerance import assert_within_torch_error
 
-# (B, Hq, Hk, Tq, Tk, D): T in {1, 7, 77, 128, 1000}, Tq != Tk (Tq = 1 too), D in {16, 64, 80, 128}, GQA.
+# (B, Hq, Hk, Tq, Tk, D): T in {1, 7, 77, 128, 1000}, Tq != Tk (Tq = 1 too), D in {16, 64, 80, 128}, GQA;
+# and the other ends of the head-dim range the API promises: 96 (not a power of two) and 256.
 SHAPES = [(2, 3, 3, 1, 1, 16), (2, 3, 3, 7, 7, 64), (1, 2, 2, 77, 77, 80), (1, 2, 2, 128, 128, 128),
-          (1, 2, 2, 1000, 1000, 64), (2, 4, 2, 77, 128, 64), (2, 4, 1, 1, 77, 16), (1, 2, 2, 128, 7, 80)]
+          (1, 2, 2, 1000, 1000, 64), (2, 4, 2, 77, 128, 64), (2, 4, 1, 1, 77, 16), (1, 2, 2, 128, 7, 80),
+          (1, 2, 1, 33, 45, 96), (1, 1, 1, 17, 17, 256)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NAMES = ("out", "grad_q", "grad_k", "grad_v")
 
