@@ -62,6 +62,60 @@ def test_matches_reference(device, backend, dtype, is_causal, shape):
     check_against_reference(backend, *_qkv(*shape, device, dtype), is_causal=is_causal)
 
 
+def _cpu_has_avx512_bf16():
+    with open("/proc/cpuinfo") as f:
+        return "avx512_bf16" in f.read().split()
+
+
+def test_cpu_bf16_takes_the_bf16_gemms_where_the_machine_has_them():
+    """So the bf16 tests above run the AVX512-BF16 kernels on such machines, not the fp32 fallback."""
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx import _C
+    want = _cpu_has_avx512_bf16() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert _C.bf16_gemm_available() == want
+
+
+@pytest.fixture(params=[True, False], ids=["bf16_gemm", "fp32_gemm"])
+def bf16_gemm(request):
+    """Both CPU bf16 paths: the AVX512-BF16 block GEMMs (where the machine has them) and the fp32 fallback."""
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx import _C
+    if request.param and not _C.bf16_gemm_available():
+        pytest.skip("no AVX512-BF16 here (or ATen runs below AVX-512): the fp32 fallback is what runs")
+    previous = _C.set_bf16_gemm_enabled(request.param)
+    yield request.param
+    _C.set_bf16_gemm_enabled(previous)
+
+
+# Several key blocks in the forward (512 keys) and backward (128), odd lengths, Tq != Tk, GQA, and an odd
+# head dim, which the bf16 GEMMs leave to the fp32 path.
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 300, 1100, 64), (1, 2, 2, 1000, 1000, 80), (2, 2, 2, 77, 77, 33),
+                                   (1, 3, 3, 129, 257, 16)], ids=str)
+def test_cpu_bf16_both_gemm_paths(bf16_gemm, is_causal, shape):
+    check_against_reference("cpu", *_qkv(*shape, "cpu", torch.bfloat16), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_cpu_bf16_backward_is_deterministic_across_thread_counts(bf16_gemm, dropout_p):
+    q, k, v = _qkv(2, 4, 2, 200, 300, 64, "cpu", torch.bfloat16)
+    grad = torch.randn_like(q)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            with fasttx.use_backend("cpu"):
+                runs.append(_run(fasttx.scaled_dot_product_attention, q, k, v, grad, is_causal=True,
+                                 dropout_p=dropout_p, enable_gqa=True))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for name, a, b in zip(NAMES, runs[0], run):
+            assert torch.equal(a, b), f"{name} differs between runs"
+
+
 def _mask(kind, B, H, Tq, Tk, device, dtype):
     g = torch.Generator().manual_seed(3)
     if kind == "key_padding":  # (B, 1, 1, Tk), the last keys of batch 0 padded
