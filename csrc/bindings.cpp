@@ -4,7 +4,7 @@
 
 #include <torch/extension.h>
 
-#include "cpu/bf16_gemm.h"
+#include "cpu/block_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttx C++/CUDA kernels";
@@ -23,9 +23,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd_cpu", &fasttx::attention_bwd_cpu, "flash attention backward, CPU");
   m.def("softmax_fwd_cpu", &fasttx::softmax_fwd_cpu, "scaled masked softmax forward, CPU");
   m.def("softmax_bwd_cpu", &fasttx::softmax_bwd_cpu, "scaled masked softmax backward, CPU");
-  // For the tests: whether bf16 attention takes the AVX512-BF16 GEMMs, and a switch to the fp32 fallback.
-  m.def("bf16_gemm_available", &fasttx::bf16_gemm_available, "AVX512-BF16 block GEMMs in use for bf16 attention");
-  m.def("set_bf16_gemm_enabled", &fasttx::set_bf16_gemm_enabled, "enable or disable them; returns the old setting");
+  // For the tests: whether CPU attention takes our block GEMMs (cpu/block_gemm.h), and a switch to BLAS.
+  m.def("block_gemm_available", &fasttx::block_gemm_available, "our fp32 block GEMMs in use for fp32 attention");
+  m.def("bf16_block_gemm_available", &fasttx::bf16_block_gemm_available,
+        "our AVX512-BF16 block GEMMs in use for bf16 attention");
+  m.def("set_block_gemm_enabled", &fasttx::set_block_gemm_enabled,
+        "enable or disable both; returns the old setting");
 #ifdef FASTTX_WITH_CUDA
   m.def("bias_gelu_fwd_cuda", &fasttx::bias_gelu_fwd_cuda, "gelu(x + bias), CUDA");
   m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");

@@ -67,38 +67,39 @@ def _cpu_has_avx512_bf16():
         return "avx512_bf16" in f.read().split()
 
 
-def test_cpu_bf16_takes_the_bf16_gemms_where_the_machine_has_them():
-    """So the bf16 tests above run the AVX512-BF16 kernels on such machines, not the fp32 fallback."""
+def test_cpu_takes_our_block_gemms_where_the_machine_has_them():
+    """So the fp32 and bf16 tests above run csrc/cpu/block_gemm on such machines, not the BLAS fallback."""
     skip_unless_runnable("cpu", "cpu")
     from fasttx import _C
-    want = _cpu_has_avx512_bf16() and torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert _C.bf16_gemm_available() == want
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert _C.block_gemm_available() == avx512
+    assert _C.bf16_block_gemm_available() == (avx512 and _cpu_has_avx512_bf16())
 
 
-@pytest.fixture(params=[True, False], ids=["bf16_gemm", "fp32_gemm"])
-def bf16_gemm(request):
-    """Both CPU bf16 paths: the AVX512-BF16 block GEMMs (where the machine has them) and the fp32 fallback."""
+@pytest.fixture(params=[True, False], ids=["block_gemm", "blas"])
+def block_gemm(request):
+    """Both CPU GEMM paths: our block GEMMs (where the machine has them) and BLAS on fp32 copies."""
     skip_unless_runnable("cpu", "cpu")
     from fasttx import _C
-    if request.param and not _C.bf16_gemm_available():
-        pytest.skip("no AVX512-BF16 here (or ATen runs below AVX-512): the fp32 fallback is what runs")
-    previous = _C.set_bf16_gemm_enabled(request.param)
+    previous = _C.set_block_gemm_enabled(request.param)
     yield request.param
-    _C.set_bf16_gemm_enabled(previous)
+    _C.set_block_gemm_enabled(previous)
 
 
 # Several key blocks in the forward (512 keys) and backward (128), odd lengths, Tq != Tk, GQA, and an odd
-# head dim, which the bf16 GEMMs leave to the fp32 path.
+# head dim, which the bf16 GEMMs leave to the BLAS path.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [(1, 2, 1, 300, 1100, 64), (1, 2, 2, 1000, 1000, 80), (2, 2, 2, 77, 77, 33),
                                    (1, 3, 3, 129, 257, 16)], ids=str)
-def test_cpu_bf16_both_gemm_paths(bf16_gemm, is_causal, shape):
-    check_against_reference("cpu", *_qkv(*shape, "cpu", torch.bfloat16), is_causal=is_causal)
+def test_cpu_both_gemm_paths(block_gemm, dtype, is_causal, shape):
+    check_against_reference("cpu", *_qkv(*shape, "cpu", dtype), is_causal=is_causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_cpu_bf16_backward_is_deterministic_across_thread_counts(bf16_gemm, dropout_p):
-    q, k, v = _qkv(2, 4, 2, 200, 300, 64, "cpu", torch.bfloat16)
+def test_cpu_backward_is_deterministic_across_thread_counts(block_gemm, dtype, dropout_p):
+    q, k, v = _qkv(2, 4, 2, 200, 300, 64, "cpu", dtype)
     grad = torch.randn_like(q)
     runs = []
     threads = torch.get_num_threads()

@@ -1,7 +1,7 @@
 // Flash attention on the CPU (see csrc/ops.h for the contract).
 //
 // Forward: one task per (batch, q head, block of query rows). A task walks
-// the key blocks with two BLAS GEMMs each (S = scale Q K^T, acc += P V) and
+// the key blocks with two GEMMs each (S = scale Q K^T, acc += P V) and
 // keeps only the online softmax state of its rows (common/online_softmax.h)
 // in between: O(block) memory, never a Tq x Tk matrix.
 //
@@ -9,23 +9,27 @@
 // group and their query blocks, recomputes P = exp(S - lse) block by block and
 // accumulates dQ of the block and dK, dV of the whole kv head in fp32 (the
 // output tensors themselves for fp32, task-local buffers for bf16/fp16). No
-// two tasks write the same rows, each sums in a fixed order and BLAS runs
-// single-threaded inside a task, so the gradients are bitwise the same
+// two tasks write the same rows, each sums in a fixed order and every GEMM
+// runs single-threaded inside a task, so the gradients are bitwise the same
 // whatever the thread count.
 //
-// The GEMMs of fp32/fp64 (and of bf16/fp16 where the path below is off) call
-// the BLAS that libtorch_cpu exports (MKL's sgemm_/dgemm_), the routine
-// at::native::cpublas::gemm calls: its float/double overloads are not
-// exported, and at::mm_out's dispatch costs more than a small block GEMM.
-// bf16/fp16 blocks are converted to fp32 for them: fp32 accumulation is the
-// contract.
-//
-// bf16 on CPUs with AVX512-BF16 takes our own bf16 x bf16 -> fp32 GEMMs
-// (cpu/bf16_gemm.h) on bf16 operands: Q, K, V, dO as they come, P and dS
-// rounded to bf16 before the GEMMs that read them, as FlashAttention does on
-// GPUs. Softmax, the online merge and every accumulator stay fp32. Measured on
-// 2 AMD EPYC cores: bf16 causal forward+backward at (4, 12, 1024, 64) from
-// 176 ms (fp32 GEMMs) to 95 ms.
+// The block GEMMs come from a policy class, so the softmax passes between
+// them are written once:
+//   - fp32 and bf16 on AVX-512 machines: our own register-tiled GEMMs
+//     (cpu/block_gemm.h), reading Q, K, V, dO in place (K^T, V^T and the bf16
+//     pair layouts packed once per kv head) and transposed operands through
+//     strides. bf16 uses AVX512-BF16's dot products where the CPU has them:
+//     P and dS are rounded to bf16 before the GEMMs that read them, as
+//     FlashAttention does on GPUs; softmax, the online merge and every
+//     accumulator stay fp32.
+//   - everything else (fp64, fp16, machines below AVX-512, bf16 without
+//     AVX512-BF16 or with an odd head dim): the BLAS that libtorch_cpu exports
+//     (MKL's sgemm_/dgemm_; at::native::cpublas::gemm's float overloads are
+//     not exported, and at::mm_out's dispatch costs more than a small block
+//     GEMM), on fp32 copies of bf16/fp16 blocks.
+// Measured on 2 AMD EPYC cores (AVX512-BF16), forward+backward: fp32
+// (4, 12, 1024, 64) 304 -> 264 ms against BLAS; bf16 causal (4, 12, 1024, 64)
+// 176 -> ~95 ms against BLAS on fp32 copies.
 #include "ops.h"
 
 #include <ATen/ATen.h>
@@ -44,7 +48,7 @@
 
 #include "common/online_softmax.h"
 #include "common/philox.h"
-#include "cpu/bf16_gemm.h"
+#include "cpu/block_gemm.h"
 #include "cpu/softmax_kernels.h"
 
 #if AT_BUILD_WITH_BLAS()
@@ -183,10 +187,10 @@ A* data(const at::Tensor& t) {
 // thread's tasks. This one works in the opmath type A with BLAS: bf16/fp16
 // blocks are converted to fp32 first, fp32/fp64 blocks are used in place.
 template <typename T>
-class OpmathForwardGemms {
+class BlasForwardGemms {
  public:
   using A = at::opmath_type<T>;
-  OpmathForwardGemms(const Problem& p, const Blocks& blk, const T* k, const T* v) : p_(p), k_(k), v_(v) {
+  BlasForwardGemms(const Problem& p, const Blocks& blk, const T* k, const T* v) : p_(p), k_(k), v_(v) {
     constexpr bool kConvert = !std::is_same_v<T, A>;
     const int64_t D = p.dim;
     buf_ = at::empty({kConvert ? blk.q * D + 2 * blk.kv * D : 0},
@@ -221,7 +225,54 @@ class OpmathForwardGemms {
   int64_t nq_ = 0, kv_head_ = 0;
 };
 
-// K and V of every kv head packed once for bf16_gemm (cpu/bf16_gemm.h): K^T
+// K^T of every kv head packed once for block_gemm (cpu/block_gemm.h), as B
+// of S = Q K^T: the size of K.
+struct Fp32PackedKt {
+  at::Tensor kt;
+  int64_t ld, head;  // floats per row and per kv head
+};
+
+Fp32PackedKt pack_kt_fp32(const Problem& p, const float* k) {
+  Fp32PackedKt packed;
+  const int64_t heads = p.batch * p.kv_heads, D = p.dim, Tk = p.kv_len;
+  packed.ld = round_up_16(Tk);
+  packed.head = D * packed.ld;
+  packed.kt = at::empty({heads * packed.head}, at::kFloat);
+  float* kt = packed.kt.data_ptr<float>();
+  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) pack_transposed(k + h * Tk * D, Tk, D, D, kt + h * packed.head, packed.ld);
+  });
+  return packed;
+}
+
+// The forward's GEMMs for fp32 with our block GEMM: Q and V as they are, K^T
+// pre-packed.
+class Fp32ForwardGemms {
+ public:
+  Fp32ForwardGemms(const Problem& p, const Fp32PackedKt& kt, const float* v) : p_(p), kt_(kt), v_(v) {}
+  void set_rows(const float* q_rows, int64_t nq, int64_t kv_head) {
+    q_rows_ = q_rows;
+    nq_ = nq;
+    kv_head_ = kv_head;
+  }
+  void scores(int64_t j0, int64_t nk, float* s) {
+    const float* kt = kt_.kt.data_ptr<float>() + kv_head_ * kt_.head + j0;
+    block_gemm(nq_, nk, p_.dim, float(p_.scale), q_rows_, p_.dim, 1, kt, kt_.ld, false, s, nk);
+  }
+  void add_probs_times_v(const float* probs, int64_t j0, int64_t nk, float* acc) {
+    const float* v_rows = v_ + (kv_head_ * p_.kv_len + j0) * p_.dim;
+    block_gemm(nq_, p_.dim, nk, 1.f, probs, nk, 1, v_rows, p_.dim, true, acc, p_.dim);
+  }
+
+ private:
+  const Problem& p_;
+  const Fp32PackedKt& kt_;
+  const float* v_;
+  const float* q_rows_ = nullptr;
+  int64_t nq_ = 0, kv_head_ = 0;
+};
+
+// K and V of every kv head packed once for bf16_block_gemm (cpu/block_gemm.h): K^T
 // as B of S = Q K^T, V as B of P V. Together the size of K and V.
 struct Bf16PackedKv {
   at::Tensor kt, v;
@@ -265,14 +316,14 @@ class Bf16ForwardGemms {
   }
   void scores(int64_t j0, int64_t nk, float* s) {
     const auto* kt = static_cast<const uint32_t*>(kv_.kt.data_ptr()) + kv_head_ * kv_.kt_head + j0;
-    bf16_gemm(nq_, nk, p_.dim / 2, float(p_.scale), q_rows_, p_.dim / 2, 1, kt, kv_.kt_ld, false, s, nk);
+    bf16_block_gemm(nq_, nk, p_.dim / 2, float(p_.scale), q_rows_, p_.dim / 2, 1, kt, kv_.kt_ld, false, s, nk);
   }
   void add_probs_times_v(const float* probs, int64_t j0, int64_t nk, float* acc) {
     auto* pb = probs_.data_ptr<c10::BFloat16>();
     convert_rows(probs, nq_, nk, nk, pb, p_ld_);
     // j0 is a multiple of the (even) key block: a whole pair index.
     const auto* vp = static_cast<const uint32_t*>(kv_.v.data_ptr()) + kv_head_ * kv_.v_head + j0 / 2 * kv_.v_ld;
-    bf16_gemm(nq_, p_.dim, pairs_of(nk), 1.f, reinterpret_cast<const uint32_t*>(pb), p_ld_ / 2, 1, vp, kv_.v_ld,
+    bf16_block_gemm(nq_, p_.dim, pairs_of(nk), 1.f, reinterpret_cast<const uint32_t*>(pb), p_ld_ / 2, 1, vp, kv_.v_ld,
               true, acc, p_.dim);
   }
 
@@ -285,10 +336,10 @@ class Bf16ForwardGemms {
   int64_t nq_ = 0, kv_head_ = 0;
 };
 
-// bf16 inputs take bf16_gemm where the machine has it. Q's rows are read as
+// bf16 inputs take bf16_block_gemm where the machine has it. Q's rows are read as
 // pairs in place, so D must be even; odd D takes the fp32 path.
-bool use_bf16_gemm(const Problem& p, at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && p.dim % 2 == 0 && bf16_gemm_available();
+bool use_bf16_block_gemm(const Problem& p, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && p.dim % 2 == 0 && bf16_block_gemm_available();
 }
 
 template <typename T, typename MakeGemms>
@@ -356,11 +407,11 @@ void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGem
 // dK and dV of the whole kv head in fp32: the output tensors themselves for
 // fp32, task-local buffers for bf16/fp16.
 template <typename T>
-class OpmathBackwardGemms {
+class BlasBackwardGemms {
  public:
   using A = at::opmath_type<T>;
   static constexpr bool kConvert = !std::is_same_v<T, A>;
-  OpmathBackwardGemms(const Problem& p, const Blocks& blk, const T* k, const T* v, T* grad_k, T* grad_v)
+  BlasBackwardGemms(const Problem& p, const Blocks& blk, const T* k, const T* v, T* grad_k, T* grad_v)
       : p_(p), k_(k), v_(v), grad_k_(grad_k), grad_v_(grad_v) {
     const int64_t D = p.dim, Tk = p.kv_len;
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
@@ -422,7 +473,7 @@ class OpmathBackwardGemms {
   A *dk_ = nullptr, *dv_ = nullptr;
 };
 
-// The same GEMMs with bf16 operands and fp32 accumulation (cpu/bf16_gemm.h).
+// The same GEMMs with bf16 operands and fp32 accumulation (cpu/block_gemm.h).
 // Per kv head: K^T, V^T and K packed once. Per query block: Q and dO packed
 // for the GEMMs that reduce over query rows. Per key block: P and dS rounded
 // to bf16, packed as each GEMM reads them.
@@ -471,21 +522,21 @@ class Bf16BackwardGemms {
   }
   void scores_and_grad(int64_t j0, int64_t nk, float* probs, float* grad_probs) {
     const int64_t half_d = p_.dim / 2;
-    bf16_gemm(nq_, nk, half_d, float(p_.scale), q_rows_, half_d, 1, kt_ + j0, tk_ld_, false, probs, nk);
-    bf16_gemm(nq_, nk, half_d, 1.f, do_rows_, half_d, 1, vt_ + j0, tk_ld_, false, grad_probs, nk);
+    bf16_block_gemm(nq_, nk, half_d, float(p_.scale), q_rows_, half_d, 1, kt_ + j0, tk_ld_, false, probs, nk);
+    bf16_block_gemm(nq_, nk, half_d, 1.f, do_rows_, half_d, 1, vt_ + j0, tk_ld_, false, grad_probs, nk);
   }
   void add_grads(const float* dropped, const float* grad_scores, int64_t j0, int64_t nk, float* dq) {
     const int64_t D = p_.dim, q_pairs = pairs_of(nq_);
     const float scale = float(p_.scale);
     // The transposed products read P and dS as pairs of rows (a_row = 1).
     pack_row_pairs(dropped, nq_, nk, nk, pp_, kv_ld_);
-    bf16_gemm(nk, D, q_pairs, 1.f, pp_, 1, kv_ld_, dop_, d_ld_, true, dv_ + j0 * D, D);
+    bf16_block_gemm(nk, D, q_pairs, 1.f, pp_, 1, kv_ld_, dop_, d_ld_, true, dv_ + j0 * D, D);
     pack_row_pairs(grad_scores, nq_, nk, nk, dsp_, kv_ld_);
-    bf16_gemm(nk, D, q_pairs, scale, dsp_, 1, kv_ld_, qp_, d_ld_, true, dk_ + j0 * D, D);
+    bf16_block_gemm(nk, D, q_pairs, scale, dsp_, 1, kv_ld_, qp_, d_ld_, true, dk_ + j0 * D, D);
     // j0 is a multiple of the (even) key block: a whole pair index into K.
     auto* ds_rows = reinterpret_cast<BF16*>(dsr_);
     convert_rows(grad_scores, nq_, nk, nk, ds_rows, ds_ld_);
-    bf16_gemm(nq_, D, pairs_of(nk), scale, dsr_, ds_ld_ / 2, 1, kp_ + j0 / 2 * d_ld_, d_ld_, true, dq, D);
+    bf16_block_gemm(nq_, D, pairs_of(nk), scale, dsr_, ds_ld_ / 2, 1, kp_ + j0 / 2 * d_ld_, d_ld_, true, dq, D);
   }
   void finish_head() {
     for (int64_t e = 0; e < p_.kv_len * p_.dim; ++e) {
@@ -503,6 +554,56 @@ class Bf16BackwardGemms {
   uint32_t *kt_, *vt_, *kp_, *qp_, *dop_, *pp_, *dsp_, *dsr_;
   const uint32_t *q_rows_ = nullptr, *do_rows_ = nullptr;
   float *dk_, *dv_;
+};
+
+// The backward's GEMMs for fp32 with our block GEMM: K^T and V^T packed per
+// kv head, everything else read in place, P^T and dS^T through A's strides.
+// dK and dV accumulate in the output tensors.
+class Fp32BackwardGemms {
+ public:
+  Fp32BackwardGemms(const Problem& p, const float* k, const float* v, float* grad_k, float* grad_v)
+      : p_(p), k_(k), v_(v), grad_k_(grad_k), grad_v_(grad_v), tk_ld_(round_up_16(p.kv_len)) {
+    packed_t_ = at::empty({2 * p.dim * tk_ld_}, at::kFloat);
+    kt_ = packed_t_.data_ptr<float>();
+    vt_ = kt_ + p.dim * tk_ld_;
+  }
+  void set_head(int64_t task) {
+    const int64_t D = p_.dim, Tk = p_.kv_len, off = task * Tk * D;
+    k_head_ = k_ + off;
+    pack_transposed(k_head_, Tk, D, D, kt_, tk_ld_);
+    pack_transposed(v_ + off, Tk, D, D, vt_, tk_ld_);
+    dk_ = grad_k_ + off;
+    dv_ = grad_v_ + off;
+    std::fill(dk_, dk_ + Tk * D, 0.f);
+    std::fill(dv_, dv_ + Tk * D, 0.f);
+  }
+  void set_rows(const float* q_rows, const float* do_rows, int64_t nq) {
+    q_rows_ = q_rows;
+    do_rows_ = do_rows;
+    nq_ = nq;
+  }
+  void scores_and_grad(int64_t j0, int64_t nk, float* probs, float* grad_probs) {
+    const int64_t D = p_.dim;
+    block_gemm(nq_, nk, D, float(p_.scale), q_rows_, D, 1, kt_ + j0, tk_ld_, false, probs, nk);
+    block_gemm(nq_, nk, D, 1.f, do_rows_, D, 1, vt_ + j0, tk_ld_, false, grad_probs, nk);
+  }
+  void add_grads(const float* dropped, const float* grad_scores, int64_t j0, int64_t nk, float* dq) {
+    const int64_t D = p_.dim;
+    const float scale = float(p_.scale);
+    block_gemm(nk, D, nq_, 1.f, dropped, 1, nk, do_rows_, D, true, dv_ + j0 * D, D);
+    block_gemm(nq_, D, nk, scale, grad_scores, nk, 1, k_head_ + j0 * D, D, true, dq, D);
+    block_gemm(nk, D, nq_, scale, grad_scores, 1, nk, q_rows_, D, true, dk_ + j0 * D, D);
+  }
+  void finish_head() {}
+
+ private:
+  const Problem& p_;
+  const float *k_, *v_;
+  float *grad_k_, *grad_v_;
+  int64_t tk_ld_, nq_ = 0;
+  at::Tensor packed_t_;
+  float *kt_, *vt_, *dk_ = nullptr, *dv_ = nullptr;
+  const float *k_head_ = nullptr, *q_rows_ = nullptr, *do_rows_ = nullptr;
 };
 
 template <typename T, typename MakeGemms>
@@ -658,7 +759,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   auto out = at::empty_like(q);
   auto lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const Blocks blk = forward_blocks(p);
-  if (use_bf16_gemm(p, q.scalar_type())) {
+  if (use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
     const Bf16PackedKv kv = pack_kv_bf16(p, k.data_ptr<BF16>(), v.data_ptr<BF16>());
     attention_forward_kernel<BF16>(
@@ -666,12 +767,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
         mask ? mask->data_ptr<float>() : nullptr, out.data_ptr<BF16>(), data<float>(lse));
     return {out, lse};
   }
+  if (q.scalar_type() == at::kFloat && block_gemm_available()) {
+    const Fp32PackedKt kt = pack_kt_fp32(p, k.data_ptr<float>());
+    const float* v_data = v.data_ptr<float>();
+    attention_forward_kernel<float>(
+        p, blk, [&] { return Fp32ForwardGemms(p, kt, v_data); }, q.data_ptr<float>(),
+        mask ? mask->data_ptr<float>() : nullptr, out.data_ptr<float>(), data<float>(lse));
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     const auto* k_data = k.data_ptr<scalar_t>();
     const auto* v_data = v.data_ptr<scalar_t>();
     attention_forward_kernel<scalar_t>(
-        p, blk, [&] { return OpmathForwardGemms<scalar_t>(p, blk, k_data, v_data); }, q.data_ptr<scalar_t>(),
+        p, blk, [&] { return BlasForwardGemms<scalar_t>(p, blk, k_data, v_data); }, q.data_ptr<scalar_t>(),
         mask ? mask->data_ptr<A>() : nullptr, out.data_ptr<scalar_t>(), data<A>(lse));
   });
   return {out, lse};
@@ -692,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               p.q_len, "), got ", lse.scalar_type(), " ", lse.sizes());
   auto grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   const Blocks blk = backward_blocks(p);
-  if (use_bf16_gemm(p, q.scalar_type())) {
+  if (use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
     auto* gk = grad_k.data_ptr<BF16>();
     auto* gv = grad_v.data_ptr<BF16>();
@@ -702,6 +811,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
         mask ? mask->data_ptr<float>() : nullptr, grad_q.data_ptr<BF16>());
     return {grad_q, grad_k, grad_v};
   }
+  if (q.scalar_type() == at::kFloat && block_gemm_available()) {
+    const float* k_data = k.data_ptr<float>();
+    const float* v_data = v.data_ptr<float>();
+    float* gk = grad_k.data_ptr<float>();
+    float* gv = grad_v.data_ptr<float>();
+    attention_backward_kernel<float>(
+        p, blk, [&] { return Fp32BackwardGemms(p, k_data, v_data, gk, gv); }, grad_out.data_ptr<float>(),
+        q.data_ptr<float>(), out.data_ptr<float>(), data<float>(lse), mask ? mask->data_ptr<float>() : nullptr,
+        grad_q.data_ptr<float>());
+    return {grad_q, grad_k, grad_v};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     auto* gk = grad_k.data_ptr<scalar_t>();
@@ -709,7 +829,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const auto* k_data = k.data_ptr<scalar_t>();
     const auto* v_data = v.data_ptr<scalar_t>();
     attention_backward_kernel<scalar_t>(
-        p, blk, [&] { return OpmathBackwardGemms<scalar_t>(p, blk, k_data, v_data, gk, gv); },
+        p, blk, [&] { return BlasBackwardGemms<scalar_t>(p, blk, k_data, v_data, gk, gv); },
         grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), data<A>(lse),
         mask ? mask->data_ptr<A>() : nullptr, grad_q.data_ptr<scalar_t>());
   });

@@ -1,0 +1,254 @@
+// See cpu/block_gemm.h. Everything below the availability checks is compiled
+// for AVX-512 (with BF16) and must only run where they say so.
+#include "cpu/block_gemm.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "cpu/cpu_features.h"
+
+#ifdef FASTTX_HAVE_VEC_ISAS
+#include <immintrin.h>
+#endif
+
+namespace fasttx {
+
+namespace {
+std::atomic<bool> block_gemm_enabled{true};
+}  // namespace
+
+bool block_gemm_available() {
+  return cpu_isa() == CpuIsa::kAvx512 && block_gemm_enabled.load(std::memory_order_relaxed);
+}
+
+bool bf16_block_gemm_available() {
+#ifdef FASTTX_HAVE_VEC_ISAS
+  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+  return has_bf16 && block_gemm_available();
+#else
+  return false;
+#endif
+}
+
+bool set_block_gemm_enabled(bool enabled) { return block_gemm_enabled.exchange(enabled); }
+
+#ifdef FASTTX_HAVE_VEC_ISAS
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+namespace {
+
+// A word of A may sit at any 2-byte boundary (a bf16 tensor's row).
+inline int load_word(const uint32_t* p) {
+  int w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(n, 0)) - 1);
+}
+
+// The two element kinds of the tile: what one A element, one B vector and
+// one multiply-add are.
+struct Fp32Fma {
+  using Elem = float;
+  using Vec = __m512;
+  static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Vec load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+struct Bf16PairDot {
+  using Elem = uint32_t;
+  using Vec = __m512i;
+  static Vec broadcast(const uint32_t* p) { return _mm512_set1_epi32(load_word(p)); }
+  static Vec load(const uint32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+};
+
+// An MR x (16 NV) tile of C; 16 MR NV accumulators stay in registers for the
+// whole reduction (MR = 8, NV = 2: 16 of the 32 zmm registers).
+template <typename Op, int MR, int NV>
+void gemm_tile(int64_t k, float alpha, const typename Op::Elem* a, int64_t a_row, int64_t a_col,
+               const typename Op::Elem* b, int64_t ldb, bool accumulate, float* c, int64_t ldc, int64_t cols) {
+  __mmask16 mask[NV];
+  __m512 acc[MR][NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) mask[v] = first_lanes(cols - 16 * v);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    typename Op::Vec bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = Op::load(b + kk * ldb + 16 * v, mask[v]);
+    const typename Op::Elem* ak = a + kk * a_col;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const typename Op::Vec av = Op::broadcast(ak + r * a_row);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = Op::madd(acc[r][v], av, bv[v]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(alpha);
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* cp = c + r * ldc + 16 * v;
+      __m512 x = _mm512_mul_ps(acc[r][v], scale);
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], cp));
+      _mm512_mask_storeu_ps(cp, mask[v], x);
+    }
+  }
+}
+
+template <typename Op>
+using TileFn = void (*)(int64_t, float, const typename Op::Elem*, int64_t, int64_t, const typename Op::Elem*, int64_t,
+                        bool, float*, int64_t, int64_t);
+constexpr int kTileRows = 8;
+
+template <typename Op, int NV>
+TileFn<Op> tile_for(int rows) {
+  switch (rows) {
+    case 1: return gemm_tile<Op, 1, NV>;
+    case 2: return gemm_tile<Op, 2, NV>;
+    case 3: return gemm_tile<Op, 3, NV>;
+    case 4: return gemm_tile<Op, 4, NV>;
+    case 5: return gemm_tile<Op, 5, NV>;
+    case 6: return gemm_tile<Op, 6, NV>;
+    case 7: return gemm_tile<Op, 7, NV>;
+    default: return gemm_tile<Op, 8, NV>;
+  }
+}
+
+template <typename Op>
+void gemm_tiles(int64_t m, int64_t n, int64_t k, float alpha, const typename Op::Elem* a, int64_t a_row,
+                int64_t a_col, const typename Op::Elem* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  // Column panels outside, row tiles inside: a panel of B (k x 32) stays in
+  // L1/L2 while every row tile of A streams past it.
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int64_t cols = std::min<int64_t>(32, n - j0);
+    for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
+      const int rows = int(std::min<int64_t>(kTileRows, m - i0));
+      const TileFn<Op> tile = cols > 16 ? tile_for<Op, 2>(rows) : tile_for<Op, 1>(rows);
+      tile(k, alpha, a + i0 * a_row, a_row, a_col, b + j0, ldb, accumulate, c + i0 * ldc + j0, ldc, cols);
+    }
+  }
+}
+
+// Lane e of the result takes lane e / 2 of lo (e even) or of hi (e odd): it
+// interleaves two rows of 16 bf16 into 16 pairs.
+inline __m512i interleave_rows(__m256i lo, __m256i hi) {
+  alignas(64) static const uint16_t idx[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(lo), _mm512_load_si512(idx), _mm512_castsi256_si512(hi));
+}
+
+inline __m256i load_bf16(const float* p, __mmask16 m) {
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p));
+}
+inline __m256i load_bf16(const c10::BFloat16* p, __mmask16 m) { return _mm256_maskz_loadu_epi16(m, p); }
+
+template <typename T>
+void pack_row_pairs_impl(const T* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst, int64_t ld_dst) {
+  for (int64_t p = 0; p < pairs_of(rows); ++p) {
+    const T* r0 = src + 2 * p * ld;
+    const T* r1 = 2 * p + 1 < rows ? r0 + ld : nullptr;
+    uint32_t* out = dst + p * ld_dst;
+    for (int64_t j = 0; j < ld_dst; j += 16) {
+      const __mmask16 m = first_lanes(cols - j);
+      const __m256i lo = load_bf16(r0 + j, m);
+      const __m256i hi = r1 ? load_bf16(r1 + j, m) : _mm256_setzero_si256();
+      _mm512_mask_storeu_epi32(out + j, first_lanes(ld_dst - j), interleave_rows(lo, hi));
+    }
+  }
+}
+
+}  // namespace
+
+void block_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_row, int64_t a_col,
+                const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  gemm_tiles<Fp32Fma>(m, n, k, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
+}
+
+void bf16_block_gemm(int64_t m, int64_t n, int64_t k_pairs, float alpha, const uint32_t* a, int64_t a_row,
+                     int64_t a_col, const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  gemm_tiles<Bf16PairDot>(m, n, k_pairs, alpha, a, a_row, a_col, b, ldb, accumulate, c, ldc);
+}
+
+void pack_transposed(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ld_dst) {
+  // Once per head of K or V, like pack_transposed_pairs.
+  for (int64_t kk = 0; kk < cols; ++kk) {
+    float* out = dst + kk * ld_dst;
+    for (int64_t j = 0; j < rows; ++j) out[j] = src[j * ld + kk];
+  }
+}
+
+void pack_row_pairs(const float* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst, int64_t ld_dst) {
+  pack_row_pairs_impl(src, rows, cols, ld, dst, ld_dst);
+}
+
+void pack_row_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
+                    int64_t ld_dst) {
+  pack_row_pairs_impl(src, rows, cols, ld, dst, ld_dst);
+}
+
+void pack_transposed_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
+                           int64_t ld_dst) {
+  // Once per head of K or V: a plain loop is cheap next to the GEMMs that
+  // read the result T / block times.
+  const auto bits = [](c10::BFloat16 x) { return uint32_t(x.x); };
+  for (int64_t p = 0; p < pairs_of(cols); ++p) {
+    uint32_t* out = dst + p * ld_dst;
+    const bool has_hi = 2 * p + 1 < cols;
+    for (int64_t j = 0; j < rows; ++j) {
+      const c10::BFloat16* s = src + j * ld + 2 * p;
+      out[j] = bits(s[0]) | (has_hi ? bits(s[1]) << 16 : 0u);
+    }
+    std::fill(out + rows, out + ld_dst, 0u);
+  }
+}
+
+void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst, int64_t ld_dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < ld_dst; j += 16) {
+      const __m256i x = load_bf16(src + i * ld + j, first_lanes(cols - j));
+      _mm256_mask_storeu_epi16(dst + i * ld_dst + j, first_lanes(ld_dst - j), x);
+    }
+  }
+}
+
+#pragma GCC pop_options
+#else
+void block_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*, int64_t, bool, float*,
+                int64_t) {
+  TORCH_CHECK(false, "block_gemm: not compiled for this CPU");
+}
+void bf16_block_gemm(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t,
+                     bool, float*, int64_t) {
+  TORCH_CHECK(false, "bf16_block_gemm: not compiled for this CPU");
+}
+void pack_transposed(const float*, int64_t, int64_t, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "pack_transposed: not compiled for this CPU");
+}
+void pack_row_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  TORCH_CHECK(false, "pack_row_pairs: not compiled for this CPU");
+}
+void pack_row_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  TORCH_CHECK(false, "pack_row_pairs: not compiled for this CPU");
+}
+void pack_transposed_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {
+  TORCH_CHECK(false, "pack_transposed_pairs: not compiled for this CPU");
+}
+void convert_rows(const float*, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t) {
+  TORCH_CHECK(false, "convert_rows: not compiled for this CPU");
+}
+#endif
+
+}  // namespace fasttx
