@@ -1,0 +1,94 @@
+"""fasttx.patch(model) and fasttx.unpatch(model): swap the compute of known modules for fasttx's kernels.
+
+A patch changes a module's class to a subclass that overrides ``forward``
+and nothing else: the parameters, buffers, their names (so the state_dict),
+hooks and ``isinstance`` checks stay as they were, and ``unpatch`` puts the
+original class back. A module is recognised by its structure (its type and
+the submodules and attributes its patched forward reads), never by a
+library's version number. A module that looks like a candidate but is not
+recognised is left alone and reported, never half-patched.
+
+The recognisers live one file per source of modules:
+    torch_modules.py   torch.nn.LayerNorm, torch.nn.TransformerEncoderLayer
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fasttx.patching import torch_modules
+from fasttx.patching.options import Options
+
+# Each recogniser: (module, Options) -> None (not a candidate), a str (a candidate left
+# alone, and why), or (forward, what it computes with). Checked in order; the first that
+# answers decides.
+RECOGNISERS = (torch_modules.recognise,)
+
+
+@dataclass
+class PatchReport:
+    replaced: list = field(default_factory=list)    # (module path, what now computes it)
+    left_alone: list = field(default_factory=list)  # (module path, why)
+
+    def __str__(self) -> str:
+        lines = [f"fasttx.patch: {len(self.replaced)} module(s) replaced, {len(self.left_alone)} left alone"]
+        lines += [f"  replaced    {path or '<root>'}: {what}" for path, what in self.replaced]
+        lines += [f"  left alone  {path or '<root>'}: {why}" for path, why in self.left_alone]
+        return "\n".join(lines)
+
+
+_PATCHED_CLASSES: dict = {}
+
+
+def _patched_class(original: type, forward: Callable) -> type:
+    """One subclass per (class, forward), so identical modules share a class (and compiled code)."""
+    key = (original, forward)
+    if key not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[key] = type(original.__name__, (original,), {
+            "forward": forward, "_fasttx_original_class": original,
+            "__module__": original.__module__, "__qualname__": original.__qualname__})
+    return _PATCHED_CLASSES[key]
+
+
+def is_patched(module: torch.nn.Module) -> bool:
+    return "_fasttx_original_class" in type(module).__dict__
+
+
+def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = True,
+          ffn: bool = True) -> PatchReport:
+    """Patch ``model`` in place; returns what was replaced and what was left alone, with the reason."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fasttx.patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    options = Options(layer_norm, attention, ffn)
+    report = PatchReport()
+    for path, module in model.named_modules():
+        if is_patched(module):
+            report.left_alone.append((path, "already patched"))
+            continue
+        for recognise in RECOGNISERS:
+            found = recognise(module, options)
+            if found is None:
+                continue
+            if isinstance(found, str):
+                report.left_alone.append((path, found))
+            else:
+                forward, what = found
+                module.__class__ = _patched_class(type(module), forward)
+                report.replaced.append((path, what))
+            break
+    return report
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Put back the original class of every patched module in ``model``; returns how many."""
+    restored = 0
+    for module in model.modules():
+        if is_patched(module):
+            module.__class__ = type(module).__dict__["_fasttx_original_class"]
+            restored += 1
+    return restored
+
+
+__all__ = ["PatchReport", "patch", "unpatch", "is_patched"]
