@@ -11,7 +11,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TRITON_DEFAULT_FP_FUSION ?= 1
 # Pinned dev environment. torch 2.14.1 is the CUDA 13.0 build: it runs on a
 # CPU and lets the CUDA extension compile and link without a GPU.
-DEV_REQUIREMENTS := torch==2.14.1 ninja numpy pybind11 pytest matplotlib tqdm
+DEV_REQUIREMENTS := torch==2.14.1 ninja numpy pybind11 pytest matplotlib tqdm transformers
 
 .PHONY: test bench build clean
 

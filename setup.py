@@ -96,5 +96,5 @@ setup(
     cmdclass=_cmdclass(),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "bench": ["matplotlib"], "test": ["pytest"]},
+    extras_require={"triton": ["triton"], "bench": ["matplotlib"], "test": ["pytest"], "hf": ["transformers>=4.48"]},
 )

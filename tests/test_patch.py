@@ -1,13 +1,13 @@
 """fasttx.patch / unpatch on torch's own modules: same outputs, gradients, training losses and
 state_dicts as unpatched; a report of what was replaced and what was left alone, and why."""
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fasttx
 from fasttx.patching import is_patched
+
+from state_dicts import assert_loads_through_a_file
 
 D_MODEL, N_HEADS, D_HIDDEN = 64, 4, 96
 
@@ -106,18 +106,10 @@ def test_state_dicts_load_both_ways():
     plain, patched, _ = _pair()
     assert list(patched.state_dict()) == list(plain.state_dict())
 
-    def round_trip(source, target):
-        buf = io.BytesIO()
-        torch.save(source.state_dict(), buf)
-        buf.seek(0)
-        target.load_state_dict(torch.load(buf))
-        for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
-            assert torch.equal(a, b), name
-
-    round_trip(patched, _encoder(seed=1))  # patched -> unpatched
+    assert_loads_through_a_file(patched, _encoder(seed=1))  # patched -> unpatched
     other = _encoder(seed=2)
     fasttx.patch(other)
-    round_trip(plain, other)  # unpatched -> patched
+    assert_loads_through_a_file(plain, other)  # unpatched -> patched
 
 
 def test_unpatch_restores_the_original_classes():

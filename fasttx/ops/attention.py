@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx import backends
+from fasttx.ops._autocast import lower_precision
 from fasttx.ops._checks import check_float, check_same, check_tensor
 from fasttx.ops._eager import eager_function, plain_eager
 from fasttx.ops.philox import dropout_keep_mask
@@ -308,6 +309,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     as in torch; a row with nothing to attend to gives 0. Saves O(T) for
     backward: the inputs, the output and one float per query row.
     """
+    query, key, value, attn_mask = lower_precision(query, key, value, attn_mask)  # as autocast runs SDPA
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     q, k, v = query, key, value
     batch = _batch_shape(q, k)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx import backends
+from fasttx.ops._autocast import promoted
 from fasttx.ops._checks import check_choice, check_float, check_same, check_tensor
 from fasttx.ops._eager import eager_function, plain_eager
 
@@ -147,6 +148,7 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """
     check_tensor(_OP, "x", x)
     check_tensor(_OP, "bias", bias)
+    x, bias = promoted(x, bias)  # autocast: x + bias in the promoted dtype, as torch adds them
     check_float(_OP, "x", x)
     check_same(_OP, "bias", bias, "x", x)
     check_choice(_OP, "approximate", approximate, APPROXIMATIONS)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx import backends
+from fasttx.ops._autocast import lower_precision
 from fasttx.ops._checks import check_choice, check_float, check_same, check_tensor
 from fasttx.ops._eager import eager_function, plain_eager
 
@@ -206,6 +207,7 @@ def gelu_ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     ``activation`` is ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"relu"``. Saves x,
     the pre-activation and the weights for backward, never the activation.
     """
+    x, w1, b1, w2, b2 = lower_precision(x, w1, b1, w2, b2)  # as autocast runs torch's two linears
     _check(x, w1, b1, w2, b2, activation)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     args = (rows, w1.contiguous(), b1.contiguous() if b1 is not None else None, w2.contiguous(),

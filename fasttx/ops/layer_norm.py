@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx import backends
+from fasttx.ops._autocast import params_like, promoted
 from fasttx.ops._checks import check_float, check_same, check_tensor
 from fasttx.ops._eager import eager_function, plain_eager
 
@@ -250,6 +251,7 @@ def _check_and_flatten(op, x, normalized_shape, weight, bias):
 def layer_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.layer_norm``, fused."""
+    weight, bias = params_like(x, weight, bias)
     x2d, w, b = _check_and_flatten("layer_norm", x, normalized_shape, weight, bias)
     y, _, _, _ = _norm(x2d, None, w, b, float(eps), False)
     return y.view(x.shape)
@@ -260,6 +262,9 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, wei
     """``(layer_norm(x + residual), x + residual)`` in one pass over memory."""
     op = "add_layer_norm"
     check_tensor(op, "residual", residual)
+    if isinstance(x, Tensor):
+        x, residual = promoted(x, residual)  # autocast: a bf16 branch meets an fp32 residual in fp32, as x + r
+    weight, bias = params_like(x, weight, bias)
     x2d, w, b = _check_and_flatten(op, x, normalized_shape, weight, bias)
     check_same(op, "residual", residual, "x", x)
     if residual.shape != x.shape:
@@ -275,6 +280,7 @@ def rms_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = 
     ``eps=None`` means the machine epsilon of the type the statistics are
     computed in (float32 for float16/bfloat16 inputs), which is what torch does.
     """
+    (weight,) = params_like(x, weight)
     x2d, w, _ = _check_and_flatten("rms_norm", x, normalized_shape, weight, None)
     eps = torch.finfo(_acc_dtype(x.dtype)).eps if eps is None else float(eps)
     y, _, _, _ = _norm(x2d, None, w, None, eps, True)

@@ -10,21 +10,19 @@ recognised is left alone and reported, never half-patched.
 
 The recognisers live one file per source of modules:
     torch_modules.py   torch.nn.LayerNorm, torch.nn.TransformerEncoderLayer
+    hf_transformers.py Hugging Face GPT-2 and BERT (when transformers is installed)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
-from fasttx.patching import torch_modules
-from fasttx.patching.options import Options
+from fasttx.patching import hf_transformers, torch_modules
+from fasttx.patching.spec import Options, Patch
 
 # Each recogniser: (module, Options) -> None (not a candidate), a str (a candidate left
-# alone, and why), or (forward, what it computes with). Checked in order; the first that
-# answers decides.
-RECOGNISERS = (torch_modules.recognise,)
+# alone, and why), or a Patch. Checked in order; the first that answers decides.
+RECOGNISERS = (torch_modules.recognise, hf_transformers.recognise)
 
 
 @dataclass
@@ -40,16 +38,25 @@ class PatchReport:
 
 
 _PATCHED_CLASSES: dict = {}
+_SAVED_ATTRIBUTES = "_fasttx_saved_attributes"
 
 
-def _patched_class(original: type, forward: Callable) -> type:
-    """One subclass per (class, forward), so identical modules share a class (and compiled code)."""
-    key = (original, forward)
+def _patched_class(original: type, methods: dict) -> type:
+    """One subclass per (class, methods), so identical modules share a class (and compiled code)."""
+    key = (original, tuple(sorted(methods.items(), key=lambda kv: kv[0])))
     if key not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[key] = type(original.__name__, (original,), {
-            "forward": forward, "_fasttx_original_class": original,
+            **methods, "_fasttx_original_class": original,
             "__module__": original.__module__, "__qualname__": original.__qualname__})
     return _PATCHED_CLASSES[key]
+
+
+def _apply(module: torch.nn.Module, found: Patch) -> None:
+    if found.attributes:
+        module.__dict__[_SAVED_ATTRIBUTES] = {name: getattr(module, name) for name in found.attributes}
+        for name, value in found.attributes.items():
+            setattr(module, name, value)
+    module.__class__ = _patched_class(type(module), found.methods)
 
 
 def is_patched(module: torch.nn.Module) -> bool:
@@ -74,9 +81,8 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
             if isinstance(found, str):
                 report.left_alone.append((path, found))
             else:
-                forward, what = found
-                module.__class__ = _patched_class(type(module), forward)
-                report.replaced.append((path, what))
+                _apply(module, found)
+                report.replaced.append((path, found.what))
             break
     return report
 
@@ -87,6 +93,8 @@ def unpatch(model: torch.nn.Module) -> int:
     for module in model.modules():
         if is_patched(module):
             module.__class__ = type(module).__dict__["_fasttx_original_class"]
+            for name, value in module.__dict__.pop(_SAVED_ATTRIBUTES, {}).items():
+                setattr(module, name, value)
             restored += 1
     return restored
 

@@ -16,7 +16,7 @@ are added. A query row with no key to attend to gives 0, where torch gives NaN.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import Tensor
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.gelu_ffn import gelu_ffn
 from fasttx.ops.layer_norm import add_layer_norm, layer_norm
-from fasttx.patching.options import Options
+from fasttx.patching.spec import Options, Patch
 
 _RELU, _GELU = 1, 2  # TransformerEncoderLayer.activation_relu_or_gelu
 
@@ -40,7 +40,7 @@ def recognise(module: torch.nn.Module, options: Options):
             return f"{kind.__qualname__} subclasses torch.nn.LayerNorm with its own forward"
         if not options.layer_norm:
             return "layer_norm=False"
-        return _layer_norm_forward, "fasttx.layer_norm"
+        return Patch.forward(_layer_norm_forward, "fasttx.layer_norm")
     if isinstance(module, torch.nn.TransformerEncoderLayer):
         if kind.forward is not torch.nn.TransformerEncoderLayer.forward:
             return f"{kind.__qualname__} subclasses torch.nn.TransformerEncoderLayer with its own forward"
@@ -49,7 +49,7 @@ def recognise(module: torch.nn.Module, options: Options):
             return why
         parts = [name for name, on in (("flash attention", options.attention), ("fused FFN", options.ffn),
                                        ("add_layer_norm", options.layer_norm)) if on]
-        return _encoder_layer_forward(options), "fasttx " + ", ".join(parts)
+        return Patch.forward(_encoder_layer_forward(options), "fasttx " + ", ".join(parts))
     return None
 
 

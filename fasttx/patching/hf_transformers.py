@@ -1,0 +1,221 @@
+"""Recognisers for Hugging Face transformers' GPT-2 and BERT modules.
+
+transformers is optional: nothing here imports it. Modules are recognised by
+their class name and the structure their patched code relies on (submodules,
+weight shapes, what the activation computes), never by a version number.
+
+What each patch swaps:
+  - attention (GPT2Attention, BertSelfAttention): transformers' own forward
+    stays (projections, cache, cross-attention); it picks its attention
+    function through AttentionInterface by ``config._attn_implementation``, so
+    the patched module gets its own copy of the config naming "fasttx", a
+    function that calls fasttx.scaled_dot_product_attention. Masks are the
+    ones transformers builds for the model's own implementation (sdpa or
+    eager: bool or additive, 4-D); other implementations are left alone.
+  - GPT2MLP: c_fc, the activation and c_proj as one gelu_ffn (Conv1D keeps
+    its weights as (in, out): they are passed transposed, as views).
+  - BertSelfOutput, BertOutput: dense, dropout, then LayerNorm(h + input)
+    with the residual add fused (add_layer_norm).
+  - BertLayer.feed_forward_chunk: BertIntermediate and BertOutput as one
+    gelu_ffn, then the fused add + LayerNorm.
+GPT-2's residual adds stay in GPT2Block, whose forward carries the cache
+plumbing that changes between versions.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fasttx.ops.attention import scaled_dot_product_attention
+from fasttx.ops.gelu_ffn import gelu_ffn
+from fasttx.ops.layer_norm import add_layer_norm
+from fasttx.patching.spec import Options, Patch
+
+ATTENTION_NAME = "fasttx"
+_MASK_FORMATS = ("sdpa", "eager")  # implementations whose masks fasttx's attention takes as they are
+# Keyword arguments that change what attention computes; fasttx's function has none of them.
+_UNSUPPORTED_KWARGS = ("position_bias", "sliding_window", "softcap", "s_aux", "sinks")
+
+
+def recognise(module: torch.nn.Module, options: Options):
+    name = type(module).__name__
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    if name in ("GPT2Attention", "BertSelfAttention"):
+        return _attention(module, options)
+    if name == "GPT2MLP":
+        return _gpt2_mlp(module, options)
+    if name in ("BertSelfOutput", "BertOutput"):
+        return _bert_add_norm(module, options)
+    if name == "BertLayer":
+        return _bert_layer(module, options)
+    return None
+
+
+# ---- attention ---------------------------------------------------------------------
+
+def fasttx_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                             dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                             **kwargs):
+    """transformers' attention-function contract: (B, H, T, D) q, k, v in; (B, T, H, D) out, no weights."""
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"fasttx attention for {type(module).__name__}: {name} is not supported; "
+                                      "fasttx.unpatch(model) to run transformers' own attention")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("fasttx attention never forms the attention weights: output_attentions=True "
+                                  "needs transformers' eager attention (fasttx.unpatch(model))")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and attention_mask is None and query.shape[2] > 1
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)  # eager-format masks come in the model's dtype, q may be autocast's
+    if mask is not None:
+        mask = mask[..., : key.shape[-2]]
+    out = scaled_dot_product_attention(query, key, value, mask, dropout, causal, scale=scaling,
+                                       enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention(interface) -> None:
+    if ATTENTION_NAME not in interface:  # the registry is global to transformers: once is enough
+        interface.register(ATTENTION_NAME, fasttx_attention_forward)
+
+
+def _dispatches_through_attention_interface(cls: type) -> Optional[object]:
+    """The AttentionInterface the class's forward looks its function up in, or None."""
+    forward = inspect.unwrap(cls.forward)
+    if "ALL_ATTENTION_FUNCTIONS" not in forward.__code__.co_names:
+        return None
+    return forward.__globals__.get("ALL_ATTENTION_FUNCTIONS")
+
+
+def _attention(module, options: Options):
+    if not options.attention:
+        return "attention=False"
+    interface = _dispatches_through_attention_interface(type(module))
+    config = getattr(module, "config", None)
+    if interface is None or not hasattr(interface, "register") or config is None:
+        return ("its forward does not pick its attention through transformers' AttentionInterface "
+                "(transformers older than 4.48?)")
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _MASK_FORMATS:
+        return f"the model runs attn_implementation={implementation!r}; fasttx takes the masks of {_MASK_FORMATS}"
+    if getattr(module, "reorder_and_upcast_attn", False) and implementation == "eager":
+        return "reorder_and_upcast_attn with eager attention runs its own upcast path"
+    _register_attention(interface)
+    own = copy.copy(config)
+    own._attn_implementation = ATTENTION_NAME
+    return Patch({}, "fasttx.scaled_dot_product_attention (through AttentionInterface)", {"config": own})
+
+
+# ---- feed-forward and add + norm ------------------------------------------------------
+
+def _activation_name(act) -> Optional[str]:
+    """Which of gelu_ffn's activations ``act`` computes, found by evaluating it, or None."""
+    if not callable(act):
+        return None
+    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            got = act(probe)
+    except Exception:  # an activation that cannot take this probe is not one we know
+        return None
+    for name, ref in (("gelu", F.gelu(probe)), ("gelu_tanh", F.gelu(probe, approximate="tanh")),
+                      ("relu", F.relu(probe))):
+        if isinstance(got, Tensor) and got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-9, atol=1e-12):
+            return name
+    return None
+
+
+def _is_conv1d(m) -> bool:
+    """transformers' Conv1D: y = x @ weight + bias, weight (in, out)."""
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2 and isinstance(b, Tensor)
+            and b.shape == (w.shape[1],))
+
+
+def _gpt2_mlp(module, options: Options):
+    if not options.ffn:
+        return "ffn=False"
+    if not (_is_conv1d(getattr(module, "c_fc", None)) and _is_conv1d(getattr(module, "c_proj", None))):
+        return "c_fc / c_proj are not Conv1D layers of the expected shape"
+    if not isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+        return "it has no dropout module where GPT2MLP has one"
+    activation = _activation_name(getattr(module, "act", None))
+    if activation is None:
+        return f"its activation {type(getattr(module, 'act', None)).__name__} is not gelu, gelu_tanh or relu"
+    return Patch.forward(_gpt2_mlp_forward(activation), f"fasttx.gelu_ffn ({activation})")
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2_mlp_forward(activation: str):
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        out = gelu_ffn(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
+                       activation)
+        return self.dropout(out)
+    return forward
+
+
+def _is_dense_dropout_norm(module) -> Optional[str]:
+    if not isinstance(getattr(module, "dense", None), torch.nn.Linear):
+        return "dense is not a torch.nn.Linear"
+    if not isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+        return "dropout is not a torch.nn.Dropout"
+    norm = getattr(module, "LayerNorm", None)
+    if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        return "LayerNorm is not a torch.nn.LayerNorm over the last dim"
+    return None
+
+
+def _bert_add_norm(module, options: Options):
+    if not options.layer_norm:
+        return "layer_norm=False"
+    why = _is_dense_dropout_norm(module)
+    if why is not None:
+        return why
+    return Patch.forward(_bert_add_norm_forward, "dense, then fasttx.add_layer_norm (residual add fused)")
+
+
+def _bert_add_norm_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+    norm = self.LayerNorm
+    branch = self.dropout(self.dense(hidden_states))
+    return add_layer_norm(branch, input_tensor, norm.normalized_shape, norm.weight, norm.bias, norm.eps)[0]
+
+
+def _bert_layer(module, options: Options):
+    if not options.ffn:
+        return "ffn=False"
+    intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
+    if not callable(getattr(type(module), "feed_forward_chunk", None)):
+        return "it has no feed_forward_chunk method"
+    if intermediate is None or not isinstance(getattr(intermediate, "dense", None), torch.nn.Linear):
+        return "intermediate.dense is not a torch.nn.Linear"
+    if output is None or _is_dense_dropout_norm(output) is not None:
+        return f"output: {_is_dense_dropout_norm(output) if output is not None else 'missing'}"
+    activation = _activation_name(getattr(intermediate, "intermediate_act_fn", None))
+    if activation is None:
+        return "its intermediate activation is not gelu, gelu_tanh or relu"
+    return Patch({"feed_forward_chunk": _bert_feed_forward(activation, options.layer_norm)},
+                 f"feed_forward_chunk: fasttx.gelu_ffn ({activation})"
+                 + (" + fasttx.add_layer_norm" if options.layer_norm else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _bert_feed_forward(activation: str, fuse_norm: bool):
+    def feed_forward_chunk(self, attention_output: Tensor) -> Tensor:
+        inner, out = self.intermediate.dense, self.output
+        branch = out.dropout(gelu_ffn(attention_output, inner.weight, inner.bias, out.dense.weight, out.dense.bias,
+                                      activation))
+        norm = out.LayerNorm
+        if fuse_norm:
+            return add_layer_norm(branch, attention_output, norm.normalized_shape, norm.weight, norm.bias,
+                                  norm.eps)[0]
+        return norm(branch + attention_output)
+    return feed_forward_chunk

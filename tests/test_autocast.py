@@ -1,0 +1,58 @@
+"""Under torch.autocast("cpu", dtype=torch.bfloat16) every fasttx op takes and returns the dtypes
+that the torch code it replaces does, with close values, and fp32 leaves get fp32 gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fasttx
+
+torch.manual_seed(0)
+N = 64
+
+
+def _leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+# (name, inputs, fasttx op, the torch code it replaces); the ops return one tensor or the first of a tuple.
+CASES = [
+    ("layer_norm fp32 x", lambda: (_leaf(5, N), _leaf(N), _leaf(N)),
+     lambda x, w, b: fasttx.layer_norm(x, (N,), w, b), lambda x, w, b: F.layer_norm(x, (N,), w, b)),
+    ("layer_norm bf16 x, fp32 params", lambda: (_leaf(5, N, dtype=torch.bfloat16), _leaf(N), _leaf(N)),
+     lambda x, w, b: fasttx.layer_norm(x, (N,), w, b), lambda x, w, b: F.layer_norm(x, (N,), w, b)),
+    ("add_layer_norm bf16 branch, fp32 residual", lambda: (_leaf(5, N, dtype=torch.bfloat16), _leaf(5, N), _leaf(N)),
+     lambda x, r, w: fasttx.add_layer_norm(x, r, (N,), w)[0], lambda x, r, w: F.layer_norm(x + r, (N,), w)),
+    ("rms_norm bf16 x, fp32 weight", lambda: (_leaf(5, N, dtype=torch.bfloat16), _leaf(N)),
+     lambda x, w: fasttx.rms_norm(x, (N,), w), lambda x, w: F.rms_norm(x, (N,), w)),
+    ("bias_gelu bf16 x, fp32 bias", lambda: (_leaf(5, N, dtype=torch.bfloat16), _leaf(N)),
+     lambda x, b: fasttx.bias_gelu(x, b), lambda x, b: F.gelu(x + b)),
+    ("gelu_ffn fp32", lambda: (_leaf(5, N), _leaf(96, N), _leaf(96), _leaf(N, 96), _leaf(N)),
+     lambda x, w1, b1, w2, b2: fasttx.gelu_ffn(x, w1, b1, w2, b2),
+     lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)),
+    ("scaled_dot_product_attention fp32", lambda: (_leaf(2, 3, 17, 16), _leaf(2, 3, 17, 16), _leaf(2, 3, 17, 16)),
+     lambda q, k, v: fasttx.scaled_dot_product_attention(q, k, v, is_causal=True),
+     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("name,make,ours,theirs", CASES, ids=[c[0] for c in CASES])
+def test_autocast_dtypes_values_and_gradients(backend, name, make, ours, theirs):
+    inputs = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = theirs(*inputs)
+        with fasttx.use_backend(backend):
+            got = ours(*inputs)
+    assert got.dtype == want.dtype, f"{name}: fasttx returns {got.dtype}, torch {want.dtype}"
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
+    grad = torch.randn(want.shape, dtype=want.dtype)
+    want_grads = torch.autograd.grad(want, inputs, grad)
+    got_grads = torch.autograd.grad(got, inputs, grad)
+    for i, (g, w, x) in enumerate(zip(got_grads, want_grads, inputs)):
+        assert g.dtype == x.dtype == w.dtype, f"{name}: grad {i} is {g.dtype}, input {x.dtype}"
+        torch.testing.assert_close(g.float(), w.float(), rtol=0.05, atol=0.05 * w.abs().max().item())
+
+
+def test_outside_autocast_mismatched_dtypes_still_raise():
+    with pytest.raises(TypeError, match="must match"):
+        fasttx.layer_norm(torch.randn(2, N, dtype=torch.bfloat16), (N,), torch.ones(N))

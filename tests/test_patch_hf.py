@@ -1,0 +1,169 @@
+"""fasttx.patch on Hugging Face GPT-2 and BERT (random weights from a config, offline): the same
+logits, every parameter's gradient, 30 AdamW steps and state_dicts as unpatched; torch.compile;
+what is left alone and why. Skips when transformers is not installed."""
+import pytest
+import torch
+
+import fasttx
+from fasttx.patching import is_patched
+
+from state_dicts import assert_loads_through_a_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+NO_DROPOUT_GPT2 = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+NO_DROPOUT_BERT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _gpt2(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=4, **{**NO_DROPOUT_GPT2, **kw}))
+
+
+def _bert(seed=0, **kw):
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                        vocab_size=1000, num_labels=3, **{**NO_DROPOUT_BERT, **kw})
+    return BertForSequenceClassification(config)
+
+
+def _pair(make, **kw):
+    plain, patched = make(**kw), make(**kw)
+    patched.load_state_dict(plain.state_dict())
+    return plain, patched, fasttx.patch(patched)
+
+
+def _padded_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 1000, (3, 24))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[1, 17:] = 0
+    mask[2, 6:] = 0
+    return ids, mask
+
+
+def _logits_and_grads(model, **inputs):
+    model.zero_grad()
+    logits = model(**inputs).logits
+    logits.float().square().mean().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(plain, patched, rtol=1e-5, atol=1e-6, **inputs):
+    want_logits, want = _logits_and_grads(plain, **inputs)
+    got_logits, got = _logits_and_grads(patched, **inputs)
+    torch.testing.assert_close(got_logits, want_logits, rtol=rtol, atol=atol)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_gpt2_report_names_every_swapped_module():
+    _, _, report = _pair(_gpt2)
+    replaced = dict(report.replaced)
+    for i in range(2):
+        assert "AttentionInterface" in replaced[f"transformer.h.{i}.attn"]
+        assert replaced[f"transformer.h.{i}.mlp"] == "fasttx.gelu_ffn (gelu_tanh)"  # gelu_new is the tanh form
+        assert replaced[f"transformer.h.{i}.ln_1"] == "fasttx.layer_norm"
+    assert "transformer.ln_f" in replaced
+    assert report.left_alone == []
+
+
+def test_gpt2_same_logits_and_gradients():
+    plain, patched, _ = _pair(_gpt2)
+    ids, mask = _padded_batch()
+    _assert_same(plain, patched, input_ids=ids)
+    _assert_same(plain, patched, input_ids=ids, attention_mask=mask)
+
+
+def test_bert_with_padding_same_logits_and_gradients():
+    plain, patched, report = _pair(_bert)
+    replaced = dict(report.replaced)
+    assert "AttentionInterface" in replaced["bert.encoder.layer.0.attention.self"]
+    assert replaced["bert.encoder.layer.0"].startswith("feed_forward_chunk: fasttx.gelu_ffn (gelu)")
+    assert "add_layer_norm" in replaced["bert.encoder.layer.1.attention.output"]
+    ids, mask = _padded_batch()
+    _assert_same(plain, patched, input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("make", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_thirty_adamw_steps_give_the_same_losses(make):
+    plain, patched, _ = _pair(make)
+    ids, mask = _padded_batch()
+    labels = ids if make is _gpt2 else torch.tensor([0, 2, 1])
+    losses = []
+    for model in (plain, patched):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        run = []
+        for _ in range(30):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(torch.tensor(run, dtype=torch.float64))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("make", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_state_dicts_load_both_ways(make):
+    plain, patched, _ = _pair(make)
+    assert list(patched.state_dict()) == list(plain.state_dict())
+
+    assert_loads_through_a_file(patched, make(seed=1))
+    other = make(seed=2)
+    fasttx.patch(other)
+    assert_loads_through_a_file(plain, other)
+
+
+def test_unpatch_restores_classes_and_configs():
+    plain, patched, report = _pair(_gpt2)
+    attn = patched.transformer.h[0].attn
+    assert attn.config is not patched.config and attn.config._attn_implementation == "fasttx"
+    assert fasttx.unpatch(patched) == len(report.replaced)
+    assert not any(is_patched(m) for m in patched.modules())
+    assert attn.config is patched.config
+    _assert_same(plain, patched, rtol=0, atol=0, input_ids=_padded_batch()[0])
+
+
+def test_what_is_left_alone_is_reported():
+    model = _gpt2(activation_function="silu")
+    report = fasttx.patch(model, attention=False)
+    reasons = dict(report.left_alone)
+    assert reasons["transformer.h.0.attn"] == "attention=False"
+    assert "is not gelu, gelu_tanh or relu" in reasons["transformer.h.0.mlp"]
+
+
+def test_output_attentions_gives_what_sdpa_gives():
+    """transformers' sdpa attention forms no weights either: never fake ones."""
+    plain, patched, _ = _pair(_gpt2)
+    ids = _padded_batch()[0]
+    want = plain(input_ids=ids, output_attentions=True).attentions
+    got = patched(input_ids=ids, output_attentions=True).attentions
+    assert len(got) == len(want) and all(w is None or w.numel() == 0 for w in want) and all(
+        g is None or g.numel() == 0 for g in got)
+
+
+def test_torch_compile_fullgraph_of_patched_gpt2_runs_forward_and_backward():
+    plain, patched, _ = _pair(_gpt2)
+    ids = _padded_batch()[0]
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")  # raises on any graph break
+    want_logits, want = _logits_and_grads(plain, input_ids=ids)
+    patched.zero_grad()
+    got_logits = compiled(input_ids=ids).logits
+    got_logits.float().square().mean().backward()
+    torch.testing.assert_close(got_logits.detach(), want_logits, rtol=1e-5, atol=1e-6)
+    for name, p in patched.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_patched_gpt2_under_bf16_autocast_matches_unpatched_dtypes_and_values():
+    plain, patched, _ = _pair(_gpt2)
+    ids, mask = _padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = plain(input_ids=ids, attention_mask=mask).logits
+        got = patched(input_ids=ids, attention_mask=mask).logits
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.1)
