@@ -167,3 +167,29 @@ def test_patched_gpt2_under_bf16_autocast_matches_unpatched_dtypes_and_values():
         got = patched(input_ids=ids, attention_mask=mask).logits
     assert got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.1)
+
+
+def test_gpt2_with_eager_attention_masks_matches_unpatched():
+    """A model loaded with attn_implementation="eager" builds additive float masks: fasttx takes those too."""
+    plain, patched = _gpt2(), _gpt2()
+    for model in (plain, patched):
+        model.config._attn_implementation = "eager"
+    patched.load_state_dict(plain.state_dict())
+    report = fasttx.patch(patched)
+    assert "transformer.h.0.attn" in dict(report.replaced)
+    ids, mask = _padded_batch()
+    keep = mask.bool()[..., None]  # eager gives padded query rows values of its own; compare the real rows
+    with torch.no_grad():
+        want = plain(input_ids=ids, attention_mask=mask).logits
+        got = patched(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got * keep, want * keep, rtol=1e-5, atol=1e-5)
+
+
+def test_patched_gpt2_generates_the_same_tokens_with_a_kv_cache():
+    plain, patched, _ = _pair(_gpt2)
+    ids, mask = _padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = plain.generate(ids, **kw)
+        got = patched.generate(ids, **kw)
+    assert torch.equal(got, want)
