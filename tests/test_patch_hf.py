@@ -7,7 +7,7 @@ import torch
 import fasttx
 from fasttx.patching import is_patched
 
-from state_dicts import assert_loads_through_a_file
+from patch_checks import adamw_losses, assert_loads_through_a_file
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -92,18 +92,8 @@ def test_thirty_adamw_steps_give_the_same_losses(make):
     plain, patched, _ = _pair(make)
     ids, mask = _padded_batch()
     labels = ids if make is _gpt2 else torch.tensor([0, 2, 1])
-    losses = []
-    for model in (plain, patched):
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        run = []
-        for _ in range(30):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses.append(torch.tensor(run, dtype=torch.float64))
+    losses = [adamw_losses(model, lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
+              for model in (plain, patched)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
 
 
