@@ -42,3 +42,8 @@ def test_regular_install_ships_kernels_as_fasttx_kernels(tmp_path):
     fasttx_init, kernels_init = _import_paths(cwd=tmp_path, env=env)
     assert fasttx_init == site / "fasttx" / "__init__.py"
     assert kernels_init == site / "fasttx" / "kernels" / "__init__.py"
+    # The editable install's finder can still serve a subpackage the regular install left out,
+    # so compare the trees: every package of the source is installed.
+    packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "fasttx").rglob("__init__.py"))
+    missing = [p for p in packages if not (site / p / "__init__.py").is_file()]
+    assert not missing, f"packages left out of a regular install: {missing}"
