@@ -1,0 +1,4 @@
+"""Reference models built from fasttx's modules."""
+from fasttx.models.gpt import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig"]
