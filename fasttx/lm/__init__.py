@@ -1,0 +1,1 @@
+"""fasttx.lm: the reference language model's data, training, generation and comparison."""
