@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd_cpu", &fasttx::attention_bwd_cpu, "flash attention backward, CPU");
   m.def("softmax_fwd_cpu", &fasttx::softmax_fwd_cpu, "scaled masked softmax forward, CPU");
   m.def("softmax_bwd_cpu", &fasttx::softmax_bwd_cpu, "scaled masked softmax backward, CPU");
+  m.def("cross_entropy_fwd_cpu", &fasttx::cross_entropy_fwd_cpu, "cross-entropy over logits rows forward, CPU");
+  m.def("cross_entropy_bwd_cpu", &fasttx::cross_entropy_bwd_cpu, "cross-entropy over logits rows backward, CPU");
   // For the tests: whether CPU attention takes our block GEMMs (cpu/block_gemm.h), and a switch to BLAS.
   m.def("block_gemm_available", &fasttx::block_gemm_available, "our fp32 block GEMMs in use for fp32 attention");
   m.def("bf16_block_gemm_available", &fasttx::bf16_block_gemm_available,

@@ -95,6 +95,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 at::Tensor softmax_fwd_cpu(const at::Tensor& x, double scale, const std::optional<at::Tensor>& mask, bool is_causal);
 at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y, double scale);
 
+// cross_entropy over the rows of logits (N, V) contiguous, target (N,) int64
+// in [0, V) or ignore_index. Forward: (loss, lse), both (N,) in the opmath
+// type, loss = lse - x[target] and 0 for an ignored row. Backward:
+// grad_x = grad_rows[n] * (softmax(x_n) - onehot(target_n)), 0 for an ignored
+// row, in logits' dtype.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                         int64_t ignore_index);
+at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
+                                 const at::Tensor& lse, int64_t ignore_index);
+
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
