@@ -67,7 +67,47 @@ def test_gpt2_report_names_every_swapped_module():
         assert replaced[f"transformer.h.{i}.mlp"] == "fasttx.gelu_ffn (gelu_tanh)"  # gelu_new is the tanh form
         assert replaced[f"transformer.h.{i}.ln_1"] == "fasttx.layer_norm"
     assert "transformer.ln_f" in replaced
+    assert replaced[""].startswith("loss_function: fasttx.cross_entropy")
     assert report.left_alone == []
+
+
+def _loss_and_grads(model, **inputs):
+    model.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 37])
+def test_gpt2_loss_with_ignored_labels_same_loss_and_gradients(num_items_in_batch):
+    plain, patched, _ = _pair(_gpt2)
+    ids, mask = _padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    want_loss, want = _loss_and_grads(plain, input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    got_loss, got = _loss_and_grads(patched, input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_gpt2_loss_under_bf16_autocast_is_float32_and_close():
+    plain, patched, _ = _pair(_gpt2)
+    ids = _padded_batch()[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = plain(input_ids=ids, labels=ids).loss
+        got = patched(input_ids=ids, labels=ids).loss
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
+
+
+def test_a_loss_function_set_by_the_user_wins_and_loss_false_leaves_it_alone():
+    plain, patched, _ = _pair(_gpt2)
+    ids = _padded_batch()[0]
+    patched.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean() * 0 + 42.0
+    assert patched(input_ids=ids, labels=ids).loss.item() == 42.0
+    report = fasttx.patch(_gpt2(), loss=False)
+    assert ("", "loss=False") in report.left_alone
 
 
 def test_gpt2_same_logits_and_gradients():
@@ -145,6 +185,14 @@ def test_torch_compile_fullgraph_of_patched_gpt2_runs_forward_and_backward():
     got_logits = compiled(input_ids=ids).logits
     got_logits.float().square().mean().backward()
     torch.testing.assert_close(got_logits.detach(), want_logits, rtol=1e-5, atol=1e-6)
+    for name, p in patched.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # and the loss patch: fasttx.cross_entropy in the same graph
+    want_loss, want = _loss_and_grads(plain, input_ids=ids, labels=ids)
+    patched.zero_grad()
+    got_loss = compiled(input_ids=ids, labels=ids).loss
+    got_loss.backward()
+    torch.testing.assert_close(got_loss.detach(), want_loss, rtol=1e-5, atol=0)
     for name, p in patched.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 

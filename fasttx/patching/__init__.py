@@ -1,7 +1,7 @@
 """fasttx.patch(model) and fasttx.unpatch(model): swap the compute of known modules for fasttx's kernels.
 
 A patch changes a module's class to a subclass that overrides ``forward``
-and nothing else: the parameters, buffers, their names (so the state_dict),
+(or one other method or property) and nothing else: the parameters, buffers, their names (so the state_dict),
 hooks and ``isinstance`` checks stay as they were, and ``unpatch`` puts the
 original class back. A module is recognised by its structure (its type and
 the submodules and attributes its patched forward reads), never by a
@@ -64,11 +64,12 @@ def is_patched(module: torch.nn.Module) -> bool:
 
 
 def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = True,
-          ffn: bool = True) -> PatchReport:
-    """Patch ``model`` in place; returns what was replaced and what was left alone, with the reason."""
+          ffn: bool = True, loss: bool = True) -> PatchReport:
+    """Patch ``model`` in place; returns what was replaced and what was left alone, with the reason.
+    Each keyword turns one kind of patch off; ``loss`` is a causal LM's cross-entropy."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fasttx.patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    options = Options(layer_norm, attention, ffn)
+    options = Options(layer_norm, attention, ffn, loss)
     report = PatchReport()
     for path, module in model.named_modules():
         if is_patched(module):

@@ -18,6 +18,11 @@ What each patch swaps:
     with the residual add fused (add_layer_norm).
   - BertLayer.feed_forward_chunk: BertIntermediate and BertOutput as one
     gelu_ffn, then the fused add + LayerNorm.
+  - causal LM heads (GPT2LMHeadModel, *ForCausalLM) whose loss_function is
+    transformers' ForCausalLMLoss: that property returns a function with its
+    contract (shifted labels, ignore_index, num_items_in_batch) computed by
+    fasttx.cross_entropy, which reads bf16 logits without their fp32 copy and
+    keeps no (tokens, vocab) log-softmax. The logits are still returned.
 GPT-2's residual adds stay in GPT2Block, whose forward carries the cache
 plumbing that changes between versions.
 """
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.ops.attention import scaled_dot_product_attention
+from fasttx.ops.cross_entropy import cross_entropy_float
 from fasttx.ops.gelu_ffn import gelu_ffn
 from fasttx.ops.layer_norm import add_layer_norm
 from fasttx.patching.spec import Options, Patch
@@ -55,6 +61,8 @@ def recognise(module: torch.nn.Module, options: Options):
         return _bert_add_norm(module, options)
     if name == "BertLayer":
         return _bert_layer(module, options)
+    if name.endswith(("LMHeadModel", "ForCausalLM")):
+        return _causal_lm_loss(module, options)
     return None
 
 
@@ -219,3 +227,48 @@ def _bert_feed_forward(activation: str, fuse_norm: bool):
                                   norm.eps)[0]
         return norm(branch + attention_output)
     return feed_forward_chunk
+
+
+# ---- the causal LM loss ------------------------------------------------------------------
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch: Optional[Tensor] = None,
+                   ignore_index: int = -100, shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """transformers' ForCausalLMLoss, computed by fasttx.cross_entropy: token t predicts label t + 1;
+    the mean over labels that are not ignore_index, or the sum over num_items_in_batch when given."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = cross_entropy_float(logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+                               ignore_index, reduction)
+    if reduction == "sum":
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    return loss
+
+
+def _patched_loss_function(self):
+    # A loss the user sets afterwards (model.loss_function = f) wins, as in transformers.
+    return self.__dict__.get("_loss_function", causal_lm_loss)
+
+
+def _set_loss_function(self, value):
+    self._loss_function = value
+
+
+_LOSS_FUNCTION = property(_patched_loss_function, _set_loss_function)
+
+
+def _causal_lm_loss(module, options: Options):
+    if not options.loss:
+        return "loss=False"
+    if not isinstance(getattr(type(module), "loss_function", None), property):
+        return "it has no loss_function property (transformers older than 4.46?)"
+    if "_loss_function" in module.__dict__:
+        return "it has a loss_function of its own"
+    try:
+        current = module.loss_function
+    except Exception as err:  # a loss_type this version cannot resolve is not ours to replace
+        return f"its loss_function cannot be resolved ({err})"
+    if getattr(current, "__name__", None) != "ForCausalLMLoss":
+        return f"its loss is {getattr(current, '__name__', current)!r}, not ForCausalLMLoss"
+    return Patch({"loss_function": _LOSS_FUNCTION}, "loss_function: fasttx.cross_entropy (ForCausalLMLoss's contract)")

@@ -8,6 +8,7 @@ class Options:
     layer_norm: bool = True
     attention: bool = True
     ffn: bool = True
+    loss: bool = True
 
 
 @dataclass
