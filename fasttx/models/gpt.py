@@ -4,7 +4,8 @@ One set of parameters, two ways to compute with it, picked by
 ``GPTConfig.kernels``:
 
 - ``"fused"``: fasttx's kernels, through ``fasttx.nn.TransformerBlock``
-  (flash attention, the fused GELU FFN, residual adds fused into LayerNorm);
+  (flash attention, the fused GELU FFN, residual adds fused into LayerNorm),
+  and fasttx.cross_entropy for the loss;
 - ``"eager"``: plain PyTorch as a careful user writes it today: F.layer_norm,
   F.linear with F.gelu, F.scaled_dot_product_attention.
 
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from fasttx.nn import LayerNorm, TransformerBlock
 from fasttx.ops.attention import scaled_dot_product_attention
+from fasttx.ops.cross_entropy import cross_entropy
 from fasttx.ops.gelu_ffn import gelu_ffn
 
 POSITION_ENCODINGS = ("learned", "sinusoidal")
@@ -150,7 +152,8 @@ class GPT(torch.nn.Module):
             return logits, None
         if targets.shape != idx.shape:
             raise ValueError(f"GPT: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss_fn = F.cross_entropy if eager else cross_entropy
+        return logits, loss_fn(logits.flatten(0, 1), targets.flatten())
 
     # ---- generation ------------------------------------------------------------------
 
