@@ -42,5 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd_cuda", &fasttx::attention_bwd_cuda, "attention backward: cuBLAS GEMMs + fused softmax, CUDA");
   m.def("softmax_fwd_cuda", &fasttx::softmax_fwd_cuda, "scaled masked softmax forward, CUDA");
   m.def("softmax_bwd_cuda", &fasttx::softmax_bwd_cuda, "scaled masked softmax backward, CUDA");
+  m.def("cross_entropy_fwd_cuda", &fasttx::cross_entropy_fwd_cuda, "cross-entropy over logits rows forward, CUDA");
+  m.def("cross_entropy_bwd_cuda", &fasttx::cross_entropy_bwd_cuda, "cross-entropy over logits rows backward, CUDA");
 #endif
 }

@@ -136,6 +136,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 at::Tensor softmax_fwd_cuda(const at::Tensor& x, double scale, const std::optional<at::Tensor>& mask,
                             bool is_causal);
 at::Tensor softmax_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& y, double scale);
+// cross_entropy on CUDA: the contract of cross_entropy_fwd_cpu / cross_entropy_bwd_cpu
+// (float32/float16/bfloat16 logits; a target outside [0, V) that is not ignore_index poisons its row with NaN).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                          int64_t ignore_index);
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& lse, int64_t ignore_index);
 #endif
 
 }  // namespace fasttx

@@ -9,9 +9,9 @@ log-sum-exp per row; the backward reads them once and writes the gradient,
 ``g * (softmax(x) - onehot(target))``, once. bf16/fp16 logits are computed in
 fp32 without an fp32 copy.
 
-Backends: cpu (softmax_kernels.h's row passes) and torch, the reference. No
-triton or cuda kernel yet: a forced one raises. Rows are independent, so
-results do not depend on the thread count.
+Backends: triton and cuda (a program / block per row, an online max and sum
+over column blocks), cpu (softmax_kernels.h's row passes) and torch, the
+reference. Rows are independent, so results do not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -63,7 +63,32 @@ def _cpu_backward(*args):
     return backends.extension().cross_entropy_bwd_cpu(*args)
 
 
+def _cuda_forward(*args):
+    return backends.extension().cross_entropy_fwd_cuda(*args)
+
+
+def _cuda_backward(*args):
+    return backends.extension().cross_entropy_bwd_cuda(*args)
+
+
+def _cuda_why_not(x, *rest):
+    return backends.device_reason("cuda", x.device) or (
+        "the cuda kernels take float16, bfloat16 or float32, got float64" if x.dtype == torch.float64 else None)
+
+
+def _triton_forward(*args):
+    from fasttx.kernels import cross_entropy as k
+    return k.cross_entropy_forward(*args)
+
+
+def _triton_backward(*args):
+    from fasttx.kernels import cross_entropy as k
+    return k.cross_entropy_backward(*args)
+
+
 IMPLEMENTATIONS = (
+    backends.Implementation("triton", _triton_forward, _triton_backward, backends.triton_why_not),
+    backends.Implementation("cuda", _cuda_forward, _cuda_backward, _cuda_why_not),
     backends.Implementation("cpu", _cpu_forward, _cpu_backward, backends.device_only("cpu")),
     backends.Implementation("torch", _torch_forward, _torch_backward, backends.device_only("torch")),
 )
@@ -145,7 +170,8 @@ def _check(input, target, ignore_index, reduction):
         raise TypeError(f"fasttx.{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     check_choice(_OP, "reduction", reduction, REDUCTIONS)
     if torch.compiler.is_compiling():
-        return  # a data-dependent check would break the graph; the kernels check each target too
+        return  # a data-dependent check would break the graph. Then the cpu kernel raises on a bad target,
+        # and the triton and cuda kernels read nothing for it and give its row NaN.
     bad = ((target < 0) | (target >= input.shape[1])) & (target != ignore_index)
     if bad.any():
         first = int(bad.nonzero()[0, 0])
