@@ -104,6 +104,6 @@ def test_command_line_quick_and_overrides(corpus, tmp_path, capsys, monkeypatch)
     printed = capsys.readouterr().out
     assert "| eager |" in printed and "| fused |" in printed
     assert printed.count("PASS") + printed.count("FAIL") == 3
-    saved = json.loads((tmp_path / "compare_fp32.json").read_text())
+    saved = json.loads((tmp_path / "compare_quick_fp32.json").read_text())
     assert saved["config"]["n_layer"] == 1 and saved["config"]["d_model"] == 128  # flag wins, quick fills the rest
     assert saved["settings"]["steps"] == 3 and saved["settings"]["batch_size"] == 4
