@@ -39,8 +39,10 @@ test: build
 	echo "== pytest exit codes: suite $$main, interpreter $$interp, AOT $$aot_rc =="; \
 	test $$main -eq 0 -a $$interp -eq 0 -a $$aot_rc -eq 0
 
+# The kernel suite, then the reference GPT trained eager and fused side by side, in its short form.
 bench: build
 	$(PY) -m bench
+	$(PY) -m fasttx compare --quick
 
 clean:
 	rm -rf build fasttx/_C*.so *.egg-info
