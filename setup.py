@@ -4,6 +4,8 @@ The CPU kernels (csrc/cpu) are always compiled. The CUDA kernels (csrc/cuda)
 are compiled when torch was built with CUDA and nvcc is found; set
 FASTTX_BUILD_CUDA=0 or 1 to force the choice. CUDA targets default to sm_80
 and sm_90 and follow TORCH_CUDA_ARCH_LIST when it is set.
+FASTTX_BUILD_EXTENSION=0 builds no extension at all: fasttx then runs its
+triton and torch backends only.
 """
 import glob
 import os
@@ -57,6 +59,9 @@ def _cublaslt_link():
 
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    if os.environ.get("FASTTX_BUILD_EXTENSION", "1") == "0":
+        return []
 
     cxx_flags = ["-O3", "-fopenmp"]
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
