@@ -48,6 +48,20 @@ def test_matches_reference(device, backend, dtype, approximate, shape):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", APPROX)
+def test_whole_range_including_tails(device, backend, dtype, approximate):
+    # A dense sweep of z = x + bias over [-12, 12]: both tails of Phi (the CPU's
+    # float erf gradient takes Phi(-|z|) from its own branch), the region near 0,
+    # and the saturation where exp(-z^2/2) underflows.
+    skip_unless_runnable(device, backend)
+    torch.manual_seed(0)
+    x = torch.linspace(-12, 12, 4 * 3001, device=device).to(dtype).view(4, 3001)
+    bias = 0.01 * torch.randn(3001, device=device, dtype=dtype)
+    check_against_reference(device, backend, dtype, approximate, x, bias)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("layout", ["transposed", "strided", "broadcast"])
 def test_non_contiguous_and_broadcast_inputs(device, backend, layout):
     skip_unless_runnable(device, backend)

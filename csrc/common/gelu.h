@@ -11,6 +11,8 @@
 #include "common/host_device.h"
 
 #include <cmath>
+#include <type_traits>
+#include <utility>
 
 namespace fasttx {
 
@@ -31,11 +33,26 @@ FASTTX_HOST_DEVICE T erf_forward(T x) {
   return T(0.5f) * x * (T(1.0f) + Math::erf(x * T(kInvSqrt2)));
 }
 
+// Whether the Math policy has normal_cdf_pdf(x, cdf, pdf), which returns
+// Phi(x) and phi(x) together (cpu/vec/math.h's float policy builds erf from
+// the very exp(-x^2/2) that phi needs, so it computes it once).
+template <typename Math, typename T, typename = void>
+struct HasNormalCdfPdf : std::false_type {};
+template <typename Math, typename T>
+struct HasNormalCdfPdf<Math, T, std::void_t<decltype(Math::normal_cdf_pdf(
+                                    std::declval<T>(), std::declval<T&>(), std::declval<T&>()))>>
+    : std::true_type {};
+
 // d/dx [x Phi(x)] = Phi(x) + x phi(x).
 template <typename Math, typename T>
 FASTTX_HOST_DEVICE T erf_grad(T x) {
-  T cdf = T(0.5f) * (T(1.0f) + Math::erf(x * T(kInvSqrt2)));
-  T pdf = Math::exp(T(-0.5f) * x * x) * T(kInvSqrt2Pi);
+  T cdf, pdf;
+  if constexpr (HasNormalCdfPdf<Math, T>::value) {
+    Math::normal_cdf_pdf(x, cdf, pdf);
+  } else {
+    cdf = T(0.5f) * (T(1.0f) + Math::erf(x * T(kInvSqrt2)));
+    pdf = Math::exp(T(-0.5f) * x * x) * T(kInvSqrt2Pi);
+  }
   return cdf + x * pdf;
 }
 
