@@ -47,6 +47,22 @@ CHILD = textwrap.dedent("""
                     assert (a is None) == (e is None)
                     if a is not None:
                         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+        # float32 GELU runs its own inline exp and reciprocal per ISA (cpu/vec/math.h): a dense
+        # sweep over both tails, within 2x (3x for gradients) PyTorch's own float32 error + 1e-6.
+        z = torch.linspace(-12, 12, 24003, dtype=torch.float64).view(3, 8001)
+        zb = torch.zeros(8001, dtype=torch.float64)
+        for approx in ("none", "tanh"):
+            def run(fn, dtype):
+                xx = z.to(dtype).requires_grad_()
+                y = fn(xx, zb.to(dtype))
+                (gx,) = torch.autograd.grad(y, xx, torch.ones_like(y))
+                return y.double(), gx.double()
+            ours = run(lambda a, c: fasttx.bias_gelu(a, c, approx), torch.float32)
+            truth = run(lambda a, c: F.gelu(a + c, approximate=approx), torch.float64)
+            torch_f32 = run(lambda a, c: F.gelu(a + c, approximate=approx), torch.float32)
+            for o, t, p, factor in zip(ours, truth, torch_f32, (2, 3)):
+                err, torch_err = (o - t).abs().max().item(), (p - t).abs().max().item()
+                assert err <= factor * torch_err + 1e-6, (approx, err, torch_err)
     print("fallbacks ok")
 """)
 

@@ -27,21 +27,29 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2*pi)
 constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
 constexpr double kCubic = 0.044715;
 
-// Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
-template <typename Math, typename T>
-FASTTX_HOST_DEVICE T erf_forward(T x) {
-  return T(0.5f) * x * (T(1.0f) + Math::erf(x * T(kInvSqrt2)));
-}
 
 // Whether the Math policy has normal_cdf_pdf(x, cdf, pdf), which returns
 // Phi(x) and phi(x) together (cpu/vec/math.h's float policy builds erf from
-// the very exp(-x^2/2) that phi needs, so it computes it once).
+// the very exp(-x^2/2) that phi needs, so it computes it once; the forward
+// takes its Phi, leaving pdf's one multiply unused).
 template <typename Math, typename T, typename = void>
 struct HasNormalCdfPdf : std::false_type {};
 template <typename Math, typename T>
 struct HasNormalCdfPdf<Math, T, std::void_t<decltype(Math::normal_cdf_pdf(
                                     std::declval<T>(), std::declval<T&>(), std::declval<T&>()))>>
     : std::true_type {};
+
+// Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
+template <typename Math, typename T>
+FASTTX_HOST_DEVICE T erf_forward(T x) {
+  if constexpr (HasNormalCdfPdf<Math, T>::value) {
+    T cdf, pdf;
+    Math::normal_cdf_pdf(x, cdf, pdf);
+    return x * cdf;
+  } else {
+    return T(0.5f) * x * (T(1.0f) + Math::erf(x * T(kInvSqrt2)));
+  }
+}
 
 // d/dx [x Phi(x)] = Phi(x) + x phi(x).
 template <typename Math, typename T>
