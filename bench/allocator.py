@@ -13,6 +13,8 @@ import glob
 import os
 from typing import Optional
 
+from fasttx import info as fasttx_info
+
 ALLOCATORS = ("glibc", "tcmalloc")
 TCMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -28,11 +30,7 @@ WHY = ("Allocator matters: glibc malloc returns blocks larger than its mmap thre
 
 def current() -> str:
     """'tcmalloc' when libtcmalloc is mapped into this process (e.g. via LD_PRELOAD), else 'glibc'."""
-    try:
-        with open("/proc/self/maps") as f:
-            return "tcmalloc" if "libtcmalloc" in f.read() else "glibc"
-    except OSError:
-        return "glibc"
+    return fasttx_info.allocator()
 
 
 def find_tcmalloc() -> Optional[str]:

@@ -25,6 +25,19 @@ def _cpu_model_and_flags():
     return model, [f for f in _CPU_FLAGS if f in flags]
 
 
+def allocator() -> str:
+    """'tcmalloc' when libtcmalloc is mapped into this process (e.g. via LD_PRELOAD), else 'glibc'.
+
+    Large CPU timings depend on it (glibc pays page faults on fresh big blocks),
+    so the benchmarks and `python -m fasttx compare` record it.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            return "tcmalloc" if "libtcmalloc" in f.read() else "glibc"
+    except OSError:
+        return "glibc"
+
+
 def report() -> str:
     import fasttx
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fasttx import info
 from fasttx.lm.data import TokenData, default_cache_dir, prepare_corpus
 from fasttx.lm.train import TrainConfig, lr_at, make_optimizer, train_step
 from fasttx.models.gpt import GPT, GPTConfig
@@ -88,14 +89,6 @@ def tensor_bytes(tensors) -> int:
     return sum(storages.values())
 
 
-def allocator_name() -> str:
-    try:
-        with open("/proc/self/maps") as f:
-            return "tcmalloc" if "tcmalloc" in f.read() else "glibc"
-    except OSError:
-        return "glibc"
-
-
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -103,7 +96,7 @@ def machine_info() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "allocator": allocator_name(),
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "allocator": info.allocator(),
             "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
