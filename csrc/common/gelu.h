@@ -27,7 +27,6 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2*pi)
 constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
 constexpr double kCubic = 0.044715;
 
-
 // Whether the Math policy has normal_cdf_pdf(x, cdf, pdf), which returns
 // Phi(x) and phi(x) together (cpu/vec/math.h's float policy builds erf from
 // the very exp(-x^2/2) that phi needs, so it computes it once; the forward
