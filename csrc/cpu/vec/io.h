@@ -78,14 +78,32 @@ struct Io {
   }
 };
 
-// Sum of the lanes of v, in lane order, in double.
+// Sum of the lanes of v in double, in a fixed tree order. A few shuffles: a
+// lane-by-lane scalar sum is a chain of 16 dependent adds, which cost as much
+// as the vector work of a whole 768-element row in the norm kernels.
 template <typename A>
 double lane_sum(at::vec::Vectorized<A> v) {
-  alignas(64) A lanes[at::vec::Vectorized<A>::size()];
-  v.store(lanes);
-  double t = 0;
-  for (A l : lanes) t += double(l);
-  return t;
+#if defined(FASTTX_ISA_AVX512)
+  __m512d d;
+  if constexpr (std::is_same_v<A, float>) {
+    const __m512 f = v;
+    d = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(f)),
+                      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+  } else {
+    d = v;
+  }
+  const __m256d q = _mm256_add_pd(_mm512_castpd512_pd256(d), _mm512_extractf64x4_pd(d, 1));
+#else
+  __m256d q;
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 f = v;
+    q = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+  } else {
+    q = v;
+  }
+#endif
+  const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
 
 // out[j] = sum over k of part[k * n + j], added in k order whatever the thread
