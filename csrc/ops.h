@@ -45,6 +45,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& s,
     const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool rms);
+// The eager fast path (cpu/layer_norm_eager.cpp): layer_norm / add_layer_norm /
+// rms_norm of x (any rank, normalized over its trailing normalized_shape) with
+// autograd, as (y, s or undefined). Returns nothing unless the input is the
+// plain case: CPU tensors of one float dtype, not empty, shapes that match, no
+// tracing mode or autocast; the caller's Python path serves everything else.
+std::optional<std::tuple<at::Tensor, at::Tensor>> norm_eager_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms);
 
 // gelu_ffn: out = act(x @ w1^T + b1) @ w2^T + b2, nn.Linear's layout:
 // x (M, D), w1 (H, D), b1 (H,), w2 (D2, H), b2 (D2,), all contiguous, one dtype.

@@ -116,6 +116,15 @@ def _machine_reasons() -> Mapping[str, Optional[str]]:
     return MappingProxyType(reasons)
 
 
+def cpu_backend_takes_cpu_tensors(requested: str) -> bool:
+    """Whether choose() sends CPU tensors of the usual dtypes to the 'cpu' implementation: for
+    eager fast paths that skip choose(). In auto mode only the Triton interpreter comes first."""
+    machine = _machine_reasons()
+    if machine["cpu"]:
+        return False
+    return requested == "cpu" or (requested == AUTO and not (machine["triton"] is None and triton_interpreting()))
+
+
 # ---- per-op implementations ------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -80,3 +80,76 @@ def test_functorch_transforms_take_the_custom_op():
     seen = []
     torch.func.grad(lambda t: (seen.append(plain_eager(t)), t.sum())[1])(torch.ones(3))
     assert seen == [False]
+
+
+# ---- the norms' C++ fast path (csrc/cpu/layer_norm_eager.cpp) ---------------------------------------
+
+def _norm_eager_cpu():
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx import backends
+    return backends.extension().norm_eager_cpu
+
+
+def test_norm_fast_path_serves_plain_cpu_calls_with_parameters():
+    norm_eager_cpu = _norm_eager_cpu()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    weight, bias = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
+    out = norm_eager_cpu(x, None, (8,), weight, bias, 1e-5, False)
+    assert out is not None and out[1] is None and out[0].shape == x.shape
+    out[0].sum().backward()
+    assert x.grad is not None and weight.grad is not None and bias.grad is not None
+    with torch.no_grad():
+        y, s = norm_eager_cpu(x, x, (5, 8), None, None, 1e-5, False)
+    assert y.shape == s.shape == x.shape and not y.requires_grad
+
+
+@pytest.mark.parametrize("case", ["wrong weight shape", "weight dtype", "integer x", "empty", "bad suffix",
+                                  "residual shape", "rms with bias"])
+def test_norm_fast_path_leaves_everything_else_to_python(case):
+    norm_eager_cpu = _norm_eager_cpu()
+    x, w = torch.randn(4, 8), torch.randn(8)
+    args = {"wrong weight shape": (x, None, (8,), torch.randn(7), None, False),
+            "weight dtype": (x, None, (8,), w.double(), None, False),
+            "integer x": (x.long(), None, (8,), None, None, False),
+            "empty": (x[:0], None, (8,), w, None, False),
+            "bad suffix": (x, None, (4,), None, None, False),
+            "residual shape": (x, x[:2], (8,), w, None, False),
+            "rms with bias": (x, None, (8,), w, w, True)}[case]
+    assert norm_eager_cpu(*args[:5], 1e-5, args[5]) is None
+
+
+def test_norm_fast_path_declines_modes_transforms_and_autocast():
+    norm_eager_cpu = _norm_eager_cpu()
+    seen = []
+    call = lambda t: (seen.append(norm_eager_cpu(t, None, (3,), None, None, 1e-5, False)), t.sum())[1]
+    torch.func.grad(call)(torch.randn(2, 3))
+    torch.vmap(call)(torch.randn(4, 2, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        call(torch.randn(2, 3))
+    with FakeTensorMode():
+        call(torch.empty(2, 3))
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with PassThrough():
+        call(torch.randn(2, 3))
+    assert seen == [None] * 5
+    assert call(torch.randn(2, 3)) is not None and seen[-1] is not None  # and outside them all, it serves
+
+
+def test_norm_fast_path_refuses_a_second_derivative():
+    _norm_eager_cpu()
+    x = torch.randn(4, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(fasttx.layer_norm(x, 8).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        gx.sum().backward()
+
+
+def test_norm_fast_path_over_several_trailing_dims_matches_torch():
+    _norm_eager_cpu()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)  # rows of 32: one row, the whole of x
+    w = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    ours, theirs = fasttx.layer_norm(x, (4, 8), w), torch.nn.functional.layer_norm(x, (4, 8), w)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), (x, w)), torch.autograd.grad(theirs.sum(), (x, w)))

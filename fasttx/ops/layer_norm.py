@@ -219,6 +219,28 @@ def _norm(x, residual, weight, bias, eps, rms):
     return _norm_forward_op(*args)
 
 
+# ---- the eager CPU fast path ------------------------------------------------------
+# A plain eager call on CPU tensors runs checks, reshapes and autograd in C++
+# (csrc/cpu/layer_norm_eager.cpp): after a kernel has swept the caches, the
+# Python steps around it cost as much as the kernel at (4096, 768). It returns
+# None for anything but the plain case, and the Python path below takes over.
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_PLAIN_OR_NONE = (Tensor, torch.nn.Parameter, type(None))
+
+
+def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms):
+    if (type(x) not in _PLAIN or type(residual) not in _PLAIN_OR_NONE or type(weight) not in _PLAIN_OR_NONE
+            or type(bias) not in _PLAIN_OR_NONE or torch.compiler.is_compiling()
+            or not backends.cpu_backend_takes_cpu_tensors(backends.requested_backend())):
+        return None
+    shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+    try:
+        return backends.extension().norm_eager_cpu(x, residual, shape, weight, bias, float(eps), rms)
+    except TypeError:  # an argument pybind cannot convert: the Python path says what is wrong with it
+        return None
+
+
 # ---- public API ---------------------------------------------------------------
 
 def _normalized_shape(normalized_shape: ShapeLike) -> tuple:
@@ -251,6 +273,9 @@ def _check_and_flatten(op, x, normalized_shape, weight, bias):
 def layer_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.layer_norm``, fused."""
+    fast = _eager_cpu(x, None, normalized_shape, weight, bias, eps, False)
+    if fast is not None:
+        return fast[0]
     weight, bias = params_like(x, weight, bias)
     x2d, w, b = _check_and_flatten("layer_norm", x, normalized_shape, weight, bias)
     y, _, _, _ = _norm(x2d, None, w, b, float(eps), False)
@@ -260,6 +285,9 @@ def layer_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] 
 def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """``(layer_norm(x + residual), x + residual)`` in one pass over memory."""
+    fast = _eager_cpu(x, residual, normalized_shape, weight, bias, eps, False)
+    if fast is not None:
+        return fast
     op = "add_layer_norm"
     check_tensor(op, "residual", residual)
     if isinstance(x, Tensor):
@@ -280,8 +308,13 @@ def rms_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = 
     ``eps=None`` means the machine epsilon of the type the statistics are
     computed in (float32 for float16/bfloat16 inputs), which is what torch does.
     """
+    if eps is None and isinstance(x, Tensor):
+        eps = torch.finfo(_acc_dtype(x.dtype)).eps
+    fast = _eager_cpu(x, None, normalized_shape, weight, None, eps, True)
+    if fast is not None:
+        return fast[0]
     (weight,) = params_like(x, weight)
     x2d, w, _ = _check_and_flatten("rms_norm", x, normalized_shape, weight, None)
-    eps = torch.finfo(_acc_dtype(x.dtype)).eps if eps is None else float(eps)
+    eps = float(eps)
     y, _, _, _ = _norm(x2d, None, w, None, eps, True)
     return y.view(x.shape)
