@@ -50,7 +50,7 @@ void bwd_segment(const T* g, const T* x, const T* b, T* dx, at::opmath_type<T>* 
 // and so also first-touches (page-faults) its own part of the fresh output.
 template <typename T>
 void fwd_kernel(const T* x, const T* b, T* y, int64_t m, int64_t n, GeluApprox a) {
-  const bool stream = m * n * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_forward_output(m * n * int64_t(sizeof(T)));
   at::parallel_for(0, m * n, at::internal::GRAIN_SIZE, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t c = i % n, len = std::min(n - c, i1 - i);
@@ -70,7 +70,7 @@ void bwd_kernel(const T* g, const T* x, const T* b, T* dx, T* db, at::opmath_typ
                 int64_t n, int64_t chunks, GeluApprox a) {
   using A = at::opmath_type<T>;
   const int64_t blocks = (n + kColBlock - 1) / kColBlock;
-  const bool stream = m * n * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_backward_output(m * n * int64_t(sizeof(T)));
   at::parallel_for(0, chunks * blocks, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t k = w / blocks, cb = w % blocks;

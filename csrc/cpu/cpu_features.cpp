@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <unistd.h>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -21,7 +23,35 @@ bool huge_pages_wanted() {
   }();
   return wanted;
 }
+
+constexpr int64_t kMinStreamBytes = int64_t(16) << 20;
+
+// FASTTX_STREAM_BYTES, or -1 when it is not set.
+int64_t stream_bytes_from_env() {
+  const char* v = std::getenv("FASTTX_STREAM_BYTES");
+  return v && *v ? std::max<int64_t>(0, std::atoll(v)) : -1;
+}
 }  // namespace
+
+bool stream_forward_output(int64_t bytes) {
+  static const int64_t threshold = [] {
+    if (const int64_t env = stream_bytes_from_env(); env >= 0) return env;
+    int64_t llc = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return std::max(kMinStreamBytes, llc / 4 * 3);
+  }();
+  return bytes >= threshold;
+}
+
+bool stream_backward_output(int64_t bytes) {
+  static const int64_t threshold = [] {
+    const int64_t env = stream_bytes_from_env();
+    return env >= 0 ? env : kMinStreamBytes;
+  }();
+  return bytes >= threshold;
+}
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   auto t = at::empty(sizes, options);

@@ -47,7 +47,7 @@ void act_grad_segment(T* grad, const T* preact, T* act, at::opmath_type<T>* part
 
 template <typename T>
 void forward_kernel(const T* preact, T* act, int64_t numel, Activation activation) {
-  const bool stream = numel * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_forward_output(numel * int64_t(sizeof(T)));
   at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t i0, int64_t i1) {
     forward_segment(preact + i0, act + i0, i1 - i0, activation, stream);
     _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
@@ -62,7 +62,7 @@ void backward_kernel(T* grad, const T* preact, T* act, T* db, at::opmath_type<T>
                      int64_t chunks, Activation activation) {
   using A = at::opmath_type<T>;
   const int64_t blocks = (n + kFfnColBlock - 1) / kFfnColBlock;
-  const bool stream = m * n * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_backward_output(m * n * int64_t(sizeof(T)));
   at::parallel_for(0, chunks * blocks, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t k = w / blocks, cb = w % blocks;

@@ -34,7 +34,7 @@ void norm_forward(const at::Tensor& x, const at::Tensor& residual, const at::Ten
                   const at::Tensor& y, const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd,
                   double eps, bool rms) {
   const int64_t m = x.size(0), n = x.size(1);
-  const bool stream = int64_t(x.nbytes()) >= kStreamBytes;
+  const bool stream = stream_forward_output(int64_t(x.nbytes()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     // About 64 KB of input per task: short rows are batched, long rows split evenly.
@@ -56,7 +56,7 @@ void norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_s, const at:
                    const at::Tensor& bias_partial, bool rms) {
   const int64_t m = s.size(0), n = s.size(1);
   const int64_t parts = column_sum_parts(m);
-  const bool stream = int64_t(s.nbytes()) >= kStreamBytes;
+  const bool stream = stream_backward_output(int64_t(s.nbytes()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "layer_norm_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     A* dw_part = mut_ptr<A>(weight_partial);
