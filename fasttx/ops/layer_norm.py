@@ -230,8 +230,9 @@ _PLAIN_OR_NONE = (Tensor, torch.nn.Parameter, type(None))
 
 
 def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms):
-    if (type(x) not in _PLAIN or type(residual) not in _PLAIN_OR_NONE or type(weight) not in _PLAIN_OR_NONE
-            or type(bias) not in _PLAIN_OR_NONE or torch.compiler.is_compiling()
+    if (type(x) not in _PLAIN or not x.is_cpu or type(residual) not in _PLAIN_OR_NONE
+            or type(weight) not in _PLAIN_OR_NONE or type(bias) not in _PLAIN_OR_NONE
+            or torch.compiler.is_compiling()
             or not backends.cpu_backend_takes_cpu_tensors(backends.requested_backend())):
         return None
     shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
