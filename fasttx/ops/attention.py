@@ -216,10 +216,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, mask, seed)  # O(T) beyond the inputs: never the probabilities
     ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.backend = is_causal, scale, dropout_p, backend
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse never has a gradient: don't allocate zeros for it
 
 
 def _autograd_backward(backward):
     def run(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # the output did not reach the loss
+            return None, None, None, None, None, None, None, None, None
         q, k, v, out, lse, mask, seed = ctx.saved_tensors
         grads = backward(grad_out, q, k, v, out, lse, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed,
                          ctx.backend)
