@@ -136,8 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
 
   const FfnActivationKernels* kernels = vector_kernels();
   const int64_t block = rows_per_block(m, h, x.scalar_type());
-  auto grad_h = at::empty({std::min(block, m), h}, x.options());
-  auto act = at::empty_like(grad_h);
+  // One (rows, H) buffer per block, holding act(preact) for grad_w2 and then
+  // grad_h: a second one was the largest allocation of the reference GPT's
+  // training step (12 MB at 2048 tokens x 1536), for the cost of reading
+  // preact twice.
+  auto buffer = at::empty({std::min(block, m), h}, x.options());
   auto grad_x = at::empty({m, d}, x.options());
   auto grad_w1 = at::empty({h, d}, x.options());
   auto grad_w2 = at::empty({d_out, h}, x.options());
@@ -146,30 +149,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
   auto partial = has_b1 && kernels ? at::empty({column_sum_parts(std::min(block, m)), h}, x.options().dtype(acc))
                                    : at::Tensor();
   // Blocks in row order, each summed into the weight and bias grads in turn:
-  // the same order on every run.
+  // the same order on every run. The first block writes the weight grads,
+  // later ones add to them. Not zeros plus addmm_: ATen's in-place addmm_ ran
+  // these GEMMs ~40% slower than mm_out here (MKL, AMD EPYC).
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t n = std::min(block, m - r0);
-    auto g = grad_h.narrow(0, 0, n), a = act.narrow(0, 0, n), p = preact.narrow(0, r0, n);
+    auto t = buffer.narrow(0, 0, n), p = preact.narrow(0, r0, n);
     auto go = grad_out.narrow(0, r0, n), xb = x.narrow(0, r0, n), gx = grad_x.narrow(0, r0, n);
-    at::mm_out(g, go, w2);  // the grad of act(preact), made grad_h in place
+    if (kernels) kernels->forward(p, t, act_kind);  // t = act(preact)
+    else t.copy_(activation_ref(p, act_kind));
+    if (r0 == 0) at::mm_out(grad_w2, go.t(), t);
+    else grad_w2.addmm_(go.t(), t);
+    at::mm_out(t, go, w2);  // t = the grad of act(preact), made grad_h in place
     if (kernels) {
-      kernels->backward(g, p, a, grad_b1_block, partial, act_kind);
+      kernels->backward(t, p, at::Tensor(), grad_b1_block, partial, act_kind);
     } else {
-      g.copy_(activation_grad_ref(g, p, act_kind));
-      a.copy_(activation_ref(p, act_kind));
-      if (has_b1) grad_b1_block.copy_(g.sum(0, false, acc));
+      t.copy_(activation_grad_ref(t, p, act_kind));
+      if (has_b1) grad_b1_block.copy_(t.sum(0, false, acc));
     }
     if (has_b1) grad_b1.add_(grad_b1_block);
-    // The first block writes the weight grads, later ones add to them. Not zeros plus addmm_:
-    // ATen's in-place addmm_ ran these GEMMs ~40% slower than mm_out here (MKL, AMD EPYC).
-    if (r0 == 0) {
-      at::mm_out(grad_w2, go.t(), a);
-      at::mm_out(grad_w1, g.t(), xb);
-    } else {
-      grad_w2.addmm_(go.t(), a);
-      grad_w1.addmm_(g.t(), xb);
-    }
-    at::mm_out(gx, g, w1);
+    if (r0 == 0) at::mm_out(grad_w1, t.t(), xb);
+    else grad_w1.addmm_(t.t(), xb);
+    at::mm_out(gx, t, w1);
   }
   auto grad_b2 = has_b2 ? grad_out.sum(0, false, acc).to(x.scalar_type()) : at::Tensor();
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};

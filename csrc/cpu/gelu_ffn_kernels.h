@@ -13,7 +13,8 @@ struct FfnActivationKernels {
   // The forward's pass between its GEMMs: act = activation(preact), (M, H).
   void (*forward)(const at::Tensor& preact, const at::Tensor& act, Activation activation);
   // The backward's pass between its GEMMs: grad_h = grad_a * activation'(preact)
-  // in place of grad_a; act = activation(preact), recomputed for grad_w2; and
+  // in place of grad_a; act = activation(preact), recomputed for grad_w2, when
+  // act is defined; and
   // grad_b1 (when defined) = column sums of grad_h through `partial`, an
   // opmath (chunks, H) scratch summed in a fixed order.
   void (*backward)(const at::Tensor& grad_a, const at::Tensor& preact, const at::Tensor& act,

@@ -31,16 +31,17 @@ void forward_segment(const T* preact, T* act, int64_t len, Activation activation
   });
 }
 
+// act may be null: then only grad (and part) are written.
 template <typename T>
 void act_grad_segment(T* grad, const T* preact, T* act, at::opmath_type<T>* part, int64_t len, Activation activation,
                       bool stream) {
   using IO = Io<T>;
   using Math = VecMath<typename IO::A>;
-  IO::for_each_vector(act, len, [&](int64_t j, int64_t k) {
+  IO::for_each_vector(act ? act : grad, len, [&](int64_t j, int64_t k) {
     const auto z = IO::load(preact + j, k);
     const auto d = IO::load(grad + j, k) * activation::grad<Math>(z, activation);
     IO::store(grad + j, d, k);
-    IO::store(act + j, activation::forward<Math>(z, activation), k, stream);
+    if (act) IO::store(act + j, activation::forward<Math>(z, activation), k, stream);
     if (part) (IO::V::loadu(part + j, k) + d).store(part + j, k);
   });
 }
@@ -71,7 +72,7 @@ void backward_kernel(T* grad, const T* preact, T* act, T* db, at::opmath_type<T>
       if (pk) std::fill(pk, pk + len, A(0));
       for (int64_t r = m * k / chunks; r < m * (k + 1) / chunks; ++r) {
         const int64_t off = r * n + c0;
-        act_grad_segment(grad + off, preact + off, act + off, pk, len, activation, stream);
+        act_grad_segment(grad + off, preact + off, act ? act + off : nullptr, pk, len, activation, stream);
       }
     }
     _mm_sfence();  // as in forward_kernel
@@ -96,7 +97,7 @@ void backward(const at::Tensor& grad_a, const at::Tensor& preact, const at::Tens
               const at::Tensor& partial, Activation activation) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, preact.scalar_type(), "gelu_ffn_bwd_cpu", [&] {
     backward_kernel(grad_a.mutable_data_ptr<scalar_t>(), preact.const_data_ptr<scalar_t>(),
-                    act.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(grad_b1),
+                    data_or_null<scalar_t>(act), data_or_null<scalar_t>(grad_b1),
                     data_or_null<at::opmath_type<scalar_t>>(partial), preact.size(0), preact.size(1),
                     partial.defined() ? partial.size(0) : 1, activation);
   });
