@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.nn import LayerNorm, TransformerBlock
+from fasttx.nn.recompute import recomputed_activations
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.cross_entropy import cross_entropy
 from fasttx.ops.gelu_ffn import gelu_ffn
@@ -145,9 +146,15 @@ class GPT(torch.nn.Module):
         """idx (batch, seq_len) token ids. Returns (logits (batch, seq_len, vocab), mean cross-entropy or None)."""
         x = self._embed(idx)
         eager = self.config.kernels == "eager"
-        for block in self.blocks:
-            x = _eager_block(block, x) if eager else block(x)
-        logits = self.lm_head(_norm(self.ln_f, x, eager))
+        if eager:
+            for block in self.blocks:
+                x = _eager_block(block, x)
+            logits = self.lm_head(_norm(self.ln_f, x, eager))
+        else:
+            with recomputed_activations():  # norm outputs are rebuilt in backward, not kept
+                for block in self.blocks:
+                    x = block(x)
+                logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:

@@ -3,17 +3,30 @@
 Subclasses of the torch modules: the constructor, the parameters, their
 names and init, and extra_repr are torch's own, so state_dicts load both ways
 and isinstance checks keep working. Only forward is fasttx's.
+
+Inside fasttx.nn.recompute.recomputed_activations() (as in TransformerBlock
+and GPT), an output that a later op saves for backward is recomputed from the
+input, which the norm saves anyway, instead of being kept.
 """
 import torch
 
+from fasttx.nn.recompute import remember
 from fasttx.ops.layer_norm import layer_norm, rms_norm
 
 
 class LayerNorm(torch.nn.LayerNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        shape, weight, bias, eps = self.normalized_shape, self.weight, self.bias, self.eps
+        norm = lambda: layer_norm(input, shape, weight, bias, eps)
+        return remember(norm(), norm, *_present(input, weight, bias))
 
 
 class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        shape, weight, eps = self.normalized_shape, self.weight, self.eps
+        norm = lambda: rms_norm(x, shape, weight, eps)
+        return remember(norm(), norm, *_present(x, weight))
+
+
+def _present(*tensors):
+    return tuple(t for t in tensors if t is not None)

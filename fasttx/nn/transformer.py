@@ -16,6 +16,10 @@ linear1, linear2, norm1, norm2), so its state_dict loads both ways with
 activation, batch_first=True, norm_first=norm_first)``; with dropout 0 the
 two compute the same function. Inputs are batch-first, (batch, seq, d_model).
 
+In training, the norm outputs and out_proj's input are not kept for backward
+but rebuilt there from tensors kept anyway (fasttx/nn/recompute.py): three
+(batch, seq, d_model) tensors fewer per block, gradients bitwise the same.
+
 Dropout applies to the attention probabilities and to both residual
 branches, as in TransformerEncoderLayer, but not inside the FFN: the fused
 FFN never materializes its activation. TransformerEncoderLayer drops that
@@ -29,8 +33,9 @@ from torch import Tensor
 
 from fasttx.nn.attention import MultiheadSelfAttention
 from fasttx.nn.normalization import LayerNorm
+from fasttx.nn.recompute import recomputed_activations, remember
 from fasttx.ops.gelu_ffn import ACTIVATIONS, gelu_ffn
-from fasttx.ops.layer_norm import add_layer_norm
+from fasttx.ops.layer_norm import add_layer_norm, layer_norm
 
 
 class TransformerBlock(torch.nn.Module):
@@ -63,7 +68,11 @@ class TransformerBlock(torch.nn.Module):
 
     def _add_norm(self, norm: LayerNorm, branch: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """(norm(branch + residual), branch + residual) in one pass."""
-        return add_layer_norm(branch, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+        normed, total = add_layer_norm(branch, residual, shape, weight, bias, eps)
+        # The same kernel on the saved sum rebuilds the normed output bit for bit.
+        rebuild = lambda: layer_norm(total, shape, weight, bias, eps)
+        return remember(normed, rebuild, *(t for t in (total, weight, bias) if t is not None)), total
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         """x (batch, seq_len, d_model). attn_mask as for MultiheadSelfAttention: bool (True = attend) or
@@ -71,6 +80,10 @@ class TransformerBlock(torch.nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"TransformerBlock: x must have shape (batch, seq_len, {self.d_model}), "
                              f"got {tuple(x.shape)}")
+        with recomputed_activations():
+            return self._forward(x, attn_mask)
+
+    def _forward(self, x: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         if self.norm_first:
             attended = self._branch_dropout(self.self_attn(self.norm1(x), attn_mask))
             ffn_in, h = self._add_norm(self.norm2, attended, x)

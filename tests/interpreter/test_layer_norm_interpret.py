@@ -161,3 +161,14 @@ def test_kernel_contract_outputs():
     grad_input, grad_weight, grad_bias = kernels.norm_backward(torch.randn(3, 20), None, x, mean, rstd,
                                                                None, False, False)
     assert grad_input.shape == x.shape and grad_weight is None and grad_bias is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_layer_norm_output_is_layer_norm_of_its_sum(dtype):
+    # What fasttx.nn.TransformerBlock's recomputation of add_layer_norm's output relies on.
+    torch.manual_seed(0)
+    x, r = (torch.randn(3, 1537, dtype=dtype) for _ in range(2))
+    w, b = (torch.randn(1537, dtype=dtype) for _ in range(2))
+    with fasttx.use_backend("triton"):
+        normed, total = fasttx.add_layer_norm(x, r, 1537, w, b)
+        assert torch.equal(normed, fasttx.layer_norm(total, 1537, w, b))

@@ -1,0 +1,124 @@
+"""Keep cheap activations as recipes, not tensors, until backward needs them.
+
+In a pre-LN block every LayerNorm output is kept twice: the norm saves its
+input for its own backward, and the linear after it saves the output. The
+output is a pure function of that input, so keeping it costs d_model values
+per token and buys nothing but one elementwise pass. The same holds for the
+(batch, seq, d_model) copy of the attention output that feeds out_proj: the
+attention saves the (batch, heads, seq, head_dim) original.
+
+Inside ``recomputed_activations()``, a tensor given to ``remember(t, rebuild,
+*inputs)`` that an autograd function then saves is packed as its recipe
+(``rebuild``, which reads only ``inputs``, tensors kept anyway); backward
+calls it again. Outside, ``remember`` does nothing.
+The recipes here rebuild bit-identical tensors: the same norm kernel on the
+same input (add_layer_norm's output equals layer_norm of its saved sum), or
+a copy. A recipe input modified in place after the forward raises in
+backward, as autograd does for saved tensors.
+
+Nothing is installed under torch.compile (its partitioner chooses what to
+recompute), without grad mode, or when other saved-tensor hooks are active
+(torch.utils.checkpoint, save_on_cpu): ours would shadow them. Nothing is
+registered under autocast, which backward would not replay.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+
+class _Recipe:
+    __slots__ = ("rebuild", "inputs", "versions", "size", "stride", "offset")
+
+    def __init__(self, rebuild: Callable[[], Tensor], inputs: tuple, saved: Tensor) -> None:
+        self.rebuild, self.inputs = rebuild, inputs
+        self.versions = tuple(t._version for t in inputs)
+        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+
+    def __call__(self) -> Tensor:
+        for t, version in zip(self.inputs, self.versions):
+            if t._version != version:
+                raise RuntimeError(
+                    "fasttx: a tensor needed to recompute an activation in backward was modified in place after "
+                    f"the forward (version {version} -> {t._version}, shape {tuple(t.shape)}); clone it before "
+                    "modifying it")
+        with torch.no_grad():
+            return self.rebuild().as_strided(self.size, self.stride, self.offset)
+
+
+class Recipes:
+    """The tensors registered in one forward, keyed by storage address, with their recipes."""
+
+    def __init__(self) -> None:
+        # storage address -> (weak reference to the tensor, its recipe, the tensors the recipe reads).
+        # Weak, so that a registered tensor dies as soon as nothing else holds it; a dead entry is
+        # ignored, as its address may by then belong to another tensor.
+        self._entries: dict[int, tuple[weakref.ref, Callable[[], Tensor], tuple]] = {}
+
+    def remember(self, t: Tensor, rebuild: Callable[[], Tensor], inputs: tuple) -> Tensor:
+        # Only a fresh, whole, contiguous tensor: the recipe rebuilds exactly that layout.
+        whole = t.numel() and t.is_contiguous() and t.storage_offset() == 0 \
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if whole and not torch.is_autocast_enabled(t.device.type):
+            self._entries[t.untyped_storage().data_ptr()] = (weakref.ref(t), rebuild, inputs)
+        return t
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def pack(self, t: Tensor):
+        try:
+            address = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # a tensor without real storage (fake, functorch)
+            return t
+        entry = self._entries.get(address)
+        registered = entry[0]() if entry is not None else None
+        if registered is None or registered.untyped_storage().data_ptr() != address or registered.dtype != t.dtype:
+            return t
+        return _Recipe(entry[1], entry[2], t)
+
+    @staticmethod  # not a bound method: autograd keeps the unpack hook, and with it would keep _entries
+    def unpack(packed):
+        return packed() if isinstance(packed, _Recipe) else packed
+
+
+def _other_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None  # where torch cannot say, assume they are
+
+
+_CURRENT: contextvars.ContextVar[Optional[Recipes]] = contextvars.ContextVar("fasttx_recipes", default=None)
+
+
+@contextlib.contextmanager
+def recomputed_activations() -> Iterator[None]:
+    """Saved tensors registered with ``remember`` inside this block are recomputed in backward.
+
+    Nested uses share the outer one's hooks.
+    """
+    if (torch.compiler.is_compiling() or _CURRENT.get() is not None or not torch.is_grad_enabled()
+            or _other_hooks_active()):
+        yield
+        return
+    recipes = Recipes()
+    token = _CURRENT.set(recipes)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(recipes.pack, recipes.unpack):
+            yield
+    finally:
+        _CURRENT.reset(token)
+        recipes.clear()
+
+
+def remember(t: Tensor, rebuild: Callable[[], Tensor], *inputs: Tensor) -> Tensor:
+    """t, to be rebuilt by ``rebuild()`` (which reads only ``inputs``) if an autograd function saves it
+    inside ``recomputed_activations()``; elsewhere just t."""
+    if torch.compiler.is_compiling():
+        return t
+    recipes = _CURRENT.get()
+    return recipes.remember(t, rebuild, inputs) if recipes is not None else t
