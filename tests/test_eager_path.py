@@ -61,6 +61,17 @@ def test_plain_tensors_take_the_eager_path():
     assert plain_eager(torch.ones(2), None, torch.ones(3))
 
 
+def test_module_parameters_take_the_eager_path():
+    # A module's weights are nn.Parameters: they must not send every call through the dispatcher.
+    ffn = fasttx.nn.GELUFFN(8, 16)
+    assert plain_eager(torch.ones(2, 8), ffn.fc1.weight, ffn.fc1.bias)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = ffn(x)
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_GeluFFNFunctionBackward"  # under the output view
+    y.sum().backward()
+    assert x.grad is not None and ffn.fc1.weight.grad is not None
+
+
 def test_fake_tensors_and_modes_take_the_custom_op():
     with FakeTensorMode() as mode:
         fake = torch.empty(4, 8)

@@ -20,13 +20,17 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def plain_eager(*tensors) -> bool:
     """True when nothing traces this call: no compiler, no dispatch or function mode,
-    no functorch transform, and only plain tensors (FakeTensor, FunctionalTensor and other
-    subclasses are not)."""
+    no functorch transform, and only plain tensors or nn.Parameters (FakeTensor,
+    FunctionalTensor and other subclasses are not)."""
     return (not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._functorch.maybe_current_level() is None
-            and all(t is None or type(t) is torch.Tensor for t in tensors))
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+# nn.Parameter disables __torch_function__: a module's weights are as plain as a tensor.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
