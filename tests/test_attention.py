@@ -1,6 +1,9 @@
 """scaled_dot_product_attention and MultiheadSelfAttention against PyTorch: every backend, dtype,
 mask kind and awkward shape; dropout reproducibility; determinism; what backward keeps."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,13 +70,35 @@ def _cpu_has_avx512_bf16():
         return "avx512_bf16" in f.read().split()
 
 
-def test_cpu_takes_our_block_gemms_where_the_machine_has_them():
-    """So the fp32 and bf16 tests above run csrc/cpu/block_gemm on such machines, not the BLAS fallback."""
+def _cpu_is_intel():
+    with open("/proc/cpuinfo") as f:
+        return "GenuineIntel" in f.read()
+
+
+def test_cpu_takes_our_block_gemms_where_they_beat_blas():
+    """Our block GEMMs by default where the machine has the instructions and the CPU is not Intel's (whose
+    MKL was faster); FASTTX_ATTENTION_GEMM decides instead. test_cpu_both_gemm_paths runs both anyway."""
     skip_unless_runnable("cpu", "cpu")
     from fasttx import _C
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert _C.block_gemm_available() == avx512
-    assert _C.bf16_block_gemm_available() == (avx512 and _cpu_has_avx512_bf16())
+    wanted = {"block": True, "blas": False}.get(os.environ.get("FASTTX_ATTENTION_GEMM", ""), not _cpu_is_intel())
+    assert _C.block_gemm_available() == (avx512 and wanted)
+    assert _C.bf16_block_gemm_available() == (avx512 and wanted and _cpu_has_avx512_bf16())
+
+
+@pytest.mark.parametrize("setting,enabled", [("block", True), ("blas", False), ("bogus", None)])
+def test_attention_gemm_environment_switch(setting, enabled):
+    skip_unless_runnable("cpu", "cpu")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the block GEMMs need AVX-512")
+    code = "from fasttx import _C; print(_C.block_gemm_available())"
+    env = dict(os.environ, FASTTX_ATTENTION_GEMM=setting)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if enabled is None:
+        assert done.returncode != 0 and "FASTTX_ATTENTION_GEMM must be 'block' or 'blas'" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(enabled)
 
 
 @pytest.fixture(params=[True, False], ids=["block_gemm", "blas"])

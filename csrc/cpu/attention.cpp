@@ -15,7 +15,8 @@
 //
 // The block GEMMs come from a policy class, so the softmax passes between
 // them are written once:
-//   - fp32 and bf16 on AVX-512 machines: our own register-tiled GEMMs
+//   - fp32 and bf16 on AVX-512 machines whose CPU is not Intel's (there MKL
+//     is faster; see cpu/block_gemm.cpp): our own register-tiled GEMMs
 //     (cpu/block_gemm.h), reading Q, K, V, dO in place (K^T, V^T and the bf16
 //     pair layouts packed once per kv head) and transposed operands through
 //     strides. bf16 uses AVX512-BF16's dot products where the CPU has them:

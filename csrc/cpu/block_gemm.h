@@ -32,8 +32,10 @@
 namespace fasttx {
 
 // True when ATen runs its AVX-512 kernels here (ATEN_CPU_CAPABILITY lowers
-// that, as for the other kernel sets) and set_block_gemm_enabled(false) has
-// not turned our GEMMs off; the bf16 one also needs AVX512-BF16.
+// that, as for the other kernel sets) and our GEMMs are enabled: by default
+// where the CPU is not Intel's (MKL's own), else as FASTTX_ATTENTION_GEMM=
+// block|blas or set_block_gemm_enabled says; the bf16 one also needs
+// AVX512-BF16.
 bool block_gemm_available();
 bool bf16_block_gemm_available();
 // The tests' switch, to run the BLAS fallback on a machine that has the
