@@ -18,15 +18,11 @@ class LayerNorm(torch.nn.LayerNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         shape, weight, bias, eps = self.normalized_shape, self.weight, self.bias, self.eps
         norm = lambda: layer_norm(input, shape, weight, bias, eps)
-        return remember(norm(), norm, *_present(input, weight, bias))
+        return remember(norm(), norm, input, weight, bias)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, weight, eps = self.normalized_shape, self.weight, self.eps
         norm = lambda: rms_norm(x, shape, weight, eps)
-        return remember(norm(), norm, *_present(x, weight))
-
-
-def _present(*tensors):
-    return tuple(t for t in tensors if t is not None)
+        return remember(norm(), norm, x, weight)

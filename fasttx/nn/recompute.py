@@ -116,9 +116,9 @@ def recomputed_activations() -> Iterator[None]:
 
 
 def remember(t: Tensor, rebuild: Callable[[], Tensor], *inputs: Tensor) -> Tensor:
-    """t, to be rebuilt by ``rebuild()`` (which reads only ``inputs``) if an autograd function saves it
-    inside ``recomputed_activations()``; elsewhere just t."""
+    """t, to be rebuilt by ``rebuild()`` (which reads only ``inputs``; None among them is skipped) if an
+    autograd function saves it inside ``recomputed_activations()``; elsewhere just t."""
     if torch.compiler.is_compiling():
         return t
     recipes = _CURRENT.get()
-    return recipes.remember(t, rebuild, inputs) if recipes is not None else t
+    return recipes.remember(t, rebuild, tuple(i for i in inputs if i is not None)) if recipes is not None else t

@@ -72,7 +72,7 @@ class TransformerBlock(torch.nn.Module):
         normed, total = add_layer_norm(branch, residual, shape, weight, bias, eps)
         # The same kernel on the saved sum rebuilds the normed output bit for bit.
         rebuild = lambda: layer_norm(total, shape, weight, bias, eps)
-        return remember(normed, rebuild, *(t for t in (total, weight, bias) if t is not None)), total
+        return remember(normed, rebuild, total, weight, bias), total
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         """x (batch, seq_len, d_model). attn_mask as for MultiheadSelfAttention: bool (True = attend) or

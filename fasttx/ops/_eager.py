@@ -26,11 +26,11 @@ def plain_eager(*tensors) -> bool:
             and _get_current_dispatch_mode() is None
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._functorch.maybe_current_level() is None
-            and all(t is None or type(t) in _PLAIN for t in tensors))
+            and all(t is None or type(t) in PLAIN_TENSOR_TYPES for t in tensors))
 
 
 # nn.Parameter disables __torch_function__: a module's weights are as plain as a tensor.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:

@@ -24,7 +24,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import params_like, promoted
 from fasttx.ops._checks import check_float, check_same, check_tensor
-from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops._eager import PLAIN_TENSOR_TYPES as _PLAIN, eager_function, plain_eager
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -225,8 +225,7 @@ def _norm(x, residual, weight, bias, eps, rms):
 # Python steps around it cost as much as the kernel at (4096, 768). It returns
 # None for anything but the plain case, and the Python path below takes over.
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-_PLAIN_OR_NONE = (Tensor, torch.nn.Parameter, type(None))
+_PLAIN_OR_NONE = (*_PLAIN, type(None))
 
 
 def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms):
