@@ -70,8 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
     const at::Tensor& w2, bool has_b1, bool has_b2, int64_t activation);
 
 // scaled_dot_product_attention, flash style: q (B, Hq, Tq, D), k and v
-// (B, Hk, Tk, D), all contiguous and of one dtype; Hq is a multiple of Hk and
-// q head h reads k/v head h / (Hq / Hk) (grouped-query attention).
+// (B, Hk, Tk, D), of one dtype; Hq is a multiple of Hk and q head h reads
+// k/v head h / (Hq / Hk) (grouped-query attention). The CUDA and Triton
+// kernels take them contiguous; the CPU ones read q, k, v, out and grad_out
+// through any strides whose last is 1 (views of a packed QKV projection).
 //   s_ij = scale * q_i . k_j + mask_ij    (j > i is masked when is_causal: top-left aligned,
 //                                          torch's rule, also when Tq != Tk)
 //   p_ij = softmax_j(s_ij);  out_i = sum_j dropout(p_ij) v_j
@@ -83,10 +85,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
 // Dropout (dropout_p in [0, 1)) uses csrc/common/philox.h with
 // bh = b * Hq + h, row = i, col = j; threshold = floor(dropout_p * 2^32);
 // kept values are scaled by 1 / (1 - dropout_p). The backward regenerates it.
-// The forward returns (out, lse): out like q; lse (B, Hq, Tq) in float32
+// The forward returns (out, lse): out q's shape, contiguous, except that the
+// CPU's is (B, Tq, Hq, D) memory, transposed, when q is such a view (q's
+// stride(1) < stride(2), Hq and Tq > 1: see _output_like in
+// fasttx/ops/attention.py); lse (B, Hq, Tq) in float32
 // (float64 for float64 q) is log sum_j exp(s_ij), before dropout, and +inf
 // for a fully masked row so that exp(s_ij - lse_i) recomputes p_ij = 0.
-// The backward returns (grad_q, grad_k, grad_v) shaped like q, k, v; it is
+// The backward returns (grad_q, grad_k, grad_v) shaped like q, k, v and contiguous; it is
 // bitwise deterministic (no atomics; grouped heads are summed in a fixed order).
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,

@@ -209,6 +209,42 @@ def test_non_contiguous_and_broadcast_inputs(device, backend, is_causal):
                             torch.randn(2, 4, 11, 16, device=device))
 
 
+def _views(layout, dtype, B=2, T=37, H=3, D=16):
+    """q, k, v as (B, H, T, D) views of one buffer, the way a model hands them over."""
+    torch.manual_seed(0)
+    if layout == "packed_qkv":  # (B, T, 3, H, D), as the fused QKV projection makes it
+        return torch.randn(B, T, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    if layout == "odd_row_stride":  # rows 3HD + 1 apart: bf16 rows that do not start on a pair
+        ld = 3 * H * D + 1
+        base = torch.randn(B * T * ld, dtype=dtype)
+        return tuple(base.as_strided((B, H, T, D), (T * ld, D, ld, 1), i * H * D) for i in range(3))
+    # every other value of the head dim: rows not contiguous, which the kernel copies
+    return tuple(torch.randn(B, H, T, 2 * D, dtype=dtype)[..., ::2] for _ in range(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["packed_qkv", "odd_row_stride", "strided_head_dim"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_cpu_reads_views_in_place(block_gemm, dtype, layout, is_causal):
+    q, k, v = _views(layout, dtype)
+    if dtype != torch.float64:
+        check_against_reference("cpu", q, k, v, is_causal=is_causal)
+    grad = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=dtype).transpose(1, 2)
+    with fasttx.use_backend("cpu"):
+        viewed = _run(fasttx.scaled_dot_product_attention, q, k, v, grad, is_causal=is_causal)
+        copied = _run(fasttx.scaled_dot_product_attention, q.contiguous(), k.contiguous(), v.contiguous(),
+                      grad.contiguous(), is_causal=is_causal)
+    # out takes q's memory order, so that merging the heads of a packed projection is a view
+    out = viewed[0]
+    assert out.transpose(1, 2).is_contiguous() if layout != "strided_head_dim" else out.is_contiguous()
+    assert copied[0].is_contiguous() and all(g.is_contiguous() for g in viewed[1:])
+    for name, a, b in zip(NAMES, viewed, copied):
+        if block_gemm:  # our GEMMs sum in an order that does not depend on the strides
+            assert torch.equal(a, b), f"{name} differs between views and their contiguous copies"
+        else:  # BLAS may pick other kernels for other leading dimensions
+            torch.testing.assert_close(a, b, msg=f"{name} differs between views and their contiguous copies")
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("shape", [(0, 2, 2, 5, 5, 16), (2, 2, 2, 0, 5, 16), (2, 2, 2, 5, 0, 16)], ids=str)
 def test_empty(device, backend, shape):

@@ -44,7 +44,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/online_softmax.h"
@@ -167,8 +169,23 @@ Blocks backward_blocks(const Problem& p) {
           std::max<int64_t>(1, std::min<int64_t>(128, p.kv_len))};
 }
 
-// n rows of `dim` values of T as opmath A: the data itself when T is A, else
-// converted into buf.
+// Where the rows of a (B, H, T, D) tensor are: D contiguous values each, at
+// any batch, head and row strides. So q, k and v can be views of one packed
+// QKV projection, and out can live in (B, T, H, D) memory, where the output
+// projection reads it as (B, T, H * D) without a copy.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t b = 0, h = 0, t = 0;  // strides in elements
+  T* at(int64_t bi, int64_t hi, int64_t ti) const { return data + bi * b + hi * h + ti * t; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& x) {
+  return {static_cast<T*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// n values of T as opmath A: the data itself when T is A, else converted into buf.
 template <typename T, typename A>
 const A* as_opmath(const T* src, int64_t n, A* buf) {
   if constexpr (std::is_same_v<T, A>) {
@@ -176,6 +193,18 @@ const A* as_opmath(const T* src, int64_t n, A* buf) {
   } else {
     for (int64_t e = 0; e < n; ++e) buf[e] = A(src[e]);
     return buf;
+  }
+}
+
+// n rows of dim values, ld apart, as opmath A, and their row stride: in place
+// when T is A, else converted into buf, dim apart.
+template <typename T, typename A>
+std::pair<const A*, int64_t> rows_as_opmath(const T* src, int64_t n, int64_t dim, int64_t ld, A* buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return {src, ld};
+  } else {
+    for (int64_t r = 0; r < n; ++r) as_opmath(src + r * ld, dim, buf + r * dim);
+    return {buf, dim};
   }
 }
 
@@ -191,7 +220,7 @@ template <typename T>
 class BlasForwardGemms {
  public:
   using A = at::opmath_type<T>;
-  BlasForwardGemms(const Problem& p, const Blocks& blk, const T* k, const T* v) : p_(p), k_(k), v_(v) {
+  BlasForwardGemms(const Problem& p, const Blocks& blk, Rows<const T> k, Rows<const T> v) : p_(p), k_(k), v_(v) {
     constexpr bool kConvert = !std::is_same_v<T, A>;
     const int64_t D = p.dim;
     buf_ = at::empty({kConvert ? blk.q * D + 2 * blk.kv * D : 0},
@@ -200,30 +229,30 @@ class BlasForwardGemms {
     k_buf_ = q_buf_ + blk.q * D;
     v_buf_ = k_buf_ + blk.kv * D;
   }
-  void set_rows(const T* q_rows, int64_t nq, int64_t kv_head) {
-    q_rows_ = as_opmath(q_rows, nq * p_.dim, q_buf_);
+  void set_rows(const T* q_rows, int64_t ld, int64_t nq, int64_t b, int64_t kv_head) {
+    std::tie(q_rows_, q_ld_) = rows_as_opmath(q_rows, nq, p_.dim, ld, q_buf_);
     nq_ = nq;
+    b_ = b;
     kv_head_ = kv_head;
   }
   void scores(int64_t j0, int64_t nk, A* s) {
     const int64_t D = p_.dim;
-    const A* k_rows = as_opmath(k_ + (kv_head_ * p_.kv_len + j0) * D, nk * D, k_buf_);
-    gemm<A>(false, true, nq_, nk, D, A(p_.scale), q_rows_, D, k_rows, D, A(0), s, nk);
+    const auto [k_rows, ldk] = rows_as_opmath(k_.at(b_, kv_head_, j0), nk, D, k_.t, k_buf_);
+    gemm<A>(false, true, nq_, nk, D, A(p_.scale), q_rows_, q_ld_, k_rows, ldk, A(0), s, nk);
   }
   void add_probs_times_v(const A* probs, int64_t j0, int64_t nk, A* acc) {
     const int64_t D = p_.dim;
-    const A* v_rows = as_opmath(v_ + (kv_head_ * p_.kv_len + j0) * D, nk * D, v_buf_);
-    gemm<A>(false, false, nq_, D, nk, A(1), probs, nk, v_rows, D, A(1), acc, D);
+    const auto [v_rows, ldv] = rows_as_opmath(v_.at(b_, kv_head_, j0), nk, D, v_.t, v_buf_);
+    gemm<A>(false, false, nq_, D, nk, A(1), probs, nk, v_rows, ldv, A(1), acc, D);
   }
 
  private:
   const Problem& p_;
-  const T* k_;
-  const T* v_;
+  Rows<const T> k_, v_;
   at::Tensor buf_;
   A *q_buf_, *k_buf_, *v_buf_;
   const A* q_rows_ = nullptr;
-  int64_t nq_ = 0, kv_head_ = 0;
+  int64_t q_ld_ = 0, nq_ = 0, b_ = 0, kv_head_ = 0;
 };
 
 // K^T of every kv head packed once for block_gemm (cpu/block_gemm.h), as B
@@ -233,7 +262,7 @@ struct Fp32PackedKt {
   int64_t ld, head;  // floats per row and per kv head
 };
 
-Fp32PackedKt pack_kt_fp32(const Problem& p, const float* k) {
+Fp32PackedKt pack_kt_fp32(const Problem& p, Rows<const float> k) {
   Fp32PackedKt packed;
   const int64_t heads = p.batch * p.kv_heads, D = p.dim, Tk = p.kv_len;
   packed.ld = round_up_16(Tk);
@@ -241,7 +270,9 @@ Fp32PackedKt pack_kt_fp32(const Problem& p, const float* k) {
   packed.kt = at::empty({heads * packed.head}, at::kFloat);
   float* kt = packed.kt.data_ptr<float>();
   at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) pack_transposed(k + h * Tk * D, Tk, D, D, kt + h * packed.head, packed.ld);
+    for (int64_t h = h0; h < h1; ++h) {
+      pack_transposed(k.at(h / p.kv_heads, h % p.kv_heads, 0), Tk, D, k.t, kt + h * packed.head, packed.ld);
+    }
   });
   return packed;
 }
@@ -250,27 +281,28 @@ Fp32PackedKt pack_kt_fp32(const Problem& p, const float* k) {
 // pre-packed.
 class Fp32ForwardGemms {
  public:
-  Fp32ForwardGemms(const Problem& p, const Fp32PackedKt& kt, const float* v) : p_(p), kt_(kt), v_(v) {}
-  void set_rows(const float* q_rows, int64_t nq, int64_t kv_head) {
+  Fp32ForwardGemms(const Problem& p, const Fp32PackedKt& kt, Rows<const float> v) : p_(p), kt_(kt), v_(v) {}
+  void set_rows(const float* q_rows, int64_t ld, int64_t nq, int64_t b, int64_t kv_head) {
     q_rows_ = q_rows;
+    q_ld_ = ld;
     nq_ = nq;
+    b_ = b;
     kv_head_ = kv_head;
   }
   void scores(int64_t j0, int64_t nk, float* s) {
-    const float* kt = kt_.kt.data_ptr<float>() + kv_head_ * kt_.head + j0;
-    block_gemm(nq_, nk, p_.dim, float(p_.scale), q_rows_, p_.dim, 1, kt, kt_.ld, false, s, nk);
+    const float* kt = kt_.kt.data_ptr<float>() + (b_ * p_.kv_heads + kv_head_) * kt_.head + j0;
+    block_gemm(nq_, nk, p_.dim, float(p_.scale), q_rows_, q_ld_, 1, kt, kt_.ld, false, s, nk);
   }
   void add_probs_times_v(const float* probs, int64_t j0, int64_t nk, float* acc) {
-    const float* v_rows = v_ + (kv_head_ * p_.kv_len + j0) * p_.dim;
-    block_gemm(nq_, p_.dim, nk, 1.f, probs, nk, 1, v_rows, p_.dim, true, acc, p_.dim);
+    block_gemm(nq_, p_.dim, nk, 1.f, probs, nk, 1, v_.at(b_, kv_head_, j0), v_.t, true, acc, p_.dim);
   }
 
  private:
   const Problem& p_;
   const Fp32PackedKt& kt_;
-  const float* v_;
+  Rows<const float> v_;
   const float* q_rows_ = nullptr;
-  int64_t nq_ = 0, kv_head_ = 0;
+  int64_t q_ld_ = 0, nq_ = 0, b_ = 0, kv_head_ = 0;
 };
 
 // K and V of every kv head packed once for bf16_block_gemm (cpu/block_gemm.h): K^T
@@ -280,7 +312,7 @@ struct Bf16PackedKv {
   int64_t kt_ld, v_ld, kt_head, v_head;  // words per row and per kv head
 };
 
-Bf16PackedKv pack_kv_bf16(const Problem& p, const c10::BFloat16* k, const c10::BFloat16* v) {
+Bf16PackedKv pack_kv_bf16(const Problem& p, Rows<const c10::BFloat16> k, Rows<const c10::BFloat16> v) {
   Bf16PackedKv packed;
   const int64_t heads = p.batch * p.kv_heads, D = p.dim, Tk = p.kv_len;
   packed.kt_ld = round_up_16(Tk);
@@ -293,8 +325,9 @@ Bf16PackedKv pack_kv_bf16(const Problem& p, const c10::BFloat16* k, const c10::B
   auto* vp = static_cast<uint32_t*>(packed.v.data_ptr());
   at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      pack_transposed_pairs(k + h * Tk * D, Tk, D, D, kt + h * packed.kt_head, packed.kt_ld);
-      pack_row_pairs(v + h * Tk * D, Tk, D, D, vp + h * packed.v_head, packed.v_ld);
+      const int64_t b = h / p.kv_heads, kv_head = h % p.kv_heads;
+      pack_transposed_pairs(k.at(b, kv_head, 0), Tk, D, k.t, kt + h * packed.kt_head, packed.kt_ld);
+      pack_row_pairs(v.at(b, kv_head, 0), Tk, D, v.t, vp + h * packed.v_head, packed.v_ld);
     }
   });
   return packed;
@@ -310,14 +343,16 @@ class Bf16ForwardGemms {
     p_ld_ = 2 * pairs_of(blk.kv);
     probs_ = at::empty({blk.q * p_ld_}, at::kBFloat16);
   }
-  void set_rows(const c10::BFloat16* q_rows, int64_t nq, int64_t kv_head) {
+  // Q's rows are read as pairs in place: ld and the rows' address are even (see pairs_readable).
+  void set_rows(const c10::BFloat16* q_rows, int64_t ld, int64_t nq, int64_t b, int64_t kv_head) {
     q_rows_ = reinterpret_cast<const uint32_t*>(q_rows);
+    q_ld_ = ld / 2;
     nq_ = nq;
-    kv_head_ = kv_head;
+    kv_head_ = b * p_.kv_heads + kv_head;
   }
   void scores(int64_t j0, int64_t nk, float* s) {
     const auto* kt = static_cast<const uint32_t*>(kv_.kt.data_ptr()) + kv_head_ * kv_.kt_head + j0;
-    bf16_block_gemm(nq_, nk, p_.dim / 2, float(p_.scale), q_rows_, p_.dim / 2, 1, kt, kv_.kt_ld, false, s, nk);
+    bf16_block_gemm(nq_, nk, p_.dim / 2, float(p_.scale), q_rows_, q_ld_, 1, kt, kv_.kt_ld, false, s, nk);
   }
   void add_probs_times_v(const float* probs, int64_t j0, int64_t nk, float* acc) {
     auto* pb = probs_.data_ptr<c10::BFloat16>();
@@ -334,7 +369,7 @@ class Bf16ForwardGemms {
   at::Tensor probs_;
   int64_t p_ld_;
   const uint32_t* q_rows_ = nullptr;
-  int64_t nq_ = 0, kv_head_ = 0;
+  int64_t q_ld_ = 0, nq_ = 0, kv_head_ = 0;
 };
 
 // bf16 inputs take bf16_block_gemm where the machine has it. Q's rows are read as
@@ -344,8 +379,8 @@ bool use_bf16_block_gemm(const Problem& p, at::ScalarType dtype) {
 }
 
 template <typename T, typename MakeGemms>
-void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGemms& make_gemms, const T* q,
-                              const at::opmath_type<T>* mask, T* out, at::opmath_type<T>* lse) {
+void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGemms& make_gemms, Rows<const T> q,
+                              const at::opmath_type<T>* mask, Rows<T> out, at::opmath_type<T>* lse) {
   using A = at::opmath_type<T>;
   const SoftmaxRowKernels<A>& rows = softmax_row_kernels<A>();
   const int64_t D = p.dim, q_blocks = (p.q_len + blk.q - 1) / blk.q;
@@ -364,7 +399,7 @@ void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGem
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / q_blocks, b = bh / p.q_heads, h = bh % p.q_heads;
       const int64_t i0 = (task % q_blocks) * blk.q, nq = std::min(blk.q, p.q_len - i0);
-      gemms.set_rows(q + (bh * p.q_len + i0) * D, nq, b * p.kv_heads + h / p.group());
+      gemms.set_rows(q.at(b, h, i0), q.t, nq, b, h / p.group());
       const A* mask_rows = mask ? mask + b * p.mask_stride_b + h * p.mask_stride_h + i0 * p.mask_stride_q : nullptr;
 
       std::fill(acc, acc + nq * D, A(0));
@@ -391,11 +426,11 @@ void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGem
         }
         gemms.add_probs_times_v(scores, j0, nk, acc);
       }
-      T* out_rows = out + (bh * p.q_len + i0) * D;
       for (int64_t r = 0; r < nq; ++r) {
         const A inv = online_softmax_inv_sum(state[r]);
         const A* a = acc + r * D;
-        for (int64_t d = 0; d < D; ++d) out_rows[r * D + d] = T(a[d] * inv);
+        T* out_row = out.at(b, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) out_row[d] = T(a[d] * inv);
         lse[bh * p.q_len + i0 + r] = online_softmax_lse(state[r]);
       }
     }
@@ -412,48 +447,46 @@ class BlasBackwardGemms {
  public:
   using A = at::opmath_type<T>;
   static constexpr bool kConvert = !std::is_same_v<T, A>;
-  BlasBackwardGemms(const Problem& p, const Blocks& blk, const T* k, const T* v, T* grad_k, T* grad_v)
+  BlasBackwardGemms(const Problem& p, const Blocks& blk, Rows<const T> k, Rows<const T> v, T* grad_k, T* grad_v)
       : p_(p), k_(k), v_(v), grad_k_(grad_k), grad_v_(grad_v) {
     const int64_t D = p.dim, Tk = p.kv_len;
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
     head_t_ = at::empty({kConvert ? 4 * Tk * D : 0}, opts);
     rows_t_ = at::empty({kConvert ? 2 * blk.q * D : 0}, opts);
   }
-  void set_head(int64_t task) {
+  void set_head(int64_t b, int64_t kv_head) {
     const int64_t D = p_.dim, Tk = p_.kv_len;
-    head_off_ = task * Tk * D;
+    head_off_ = (b * p_.kv_heads + kv_head) * Tk * D;  // grad_k and grad_v are contiguous
+    A* base = data<A>(head_t_);
+    std::tie(k_head_, k_ld_) = rows_as_opmath(k_.at(b, kv_head, 0), Tk, D, k_.t, base);
+    std::tie(v_head_, v_ld_) = rows_as_opmath(v_.at(b, kv_head, 0), Tk, D, v_.t, base + (kConvert ? Tk * D : 0));
     if constexpr (kConvert) {
-      A* base = data<A>(head_t_);
-      k_head_ = as_opmath(k_ + head_off_, Tk * D, base);
-      v_head_ = as_opmath(v_ + head_off_, Tk * D, base + Tk * D);
       dk_ = base + 2 * Tk * D;
       dv_ = base + 3 * Tk * D;
     } else {
-      k_head_ = k_ + head_off_;
-      v_head_ = v_ + head_off_;
       dk_ = grad_k_ + head_off_;
       dv_ = grad_v_ + head_off_;
     }
     std::fill(dk_, dk_ + Tk * D, A(0));
     std::fill(dv_, dv_ + Tk * D, A(0));
   }
-  void set_rows(const T* q_rows, const T* do_rows, int64_t nq) {
+  void set_rows(const T* q_rows, int64_t q_ld, const T* do_rows, int64_t do_ld, int64_t nq) {
     A* buf = data<A>(rows_t_);
-    q_rows_ = as_opmath(q_rows, nq * p_.dim, buf);
-    do_rows_ = as_opmath(do_rows, nq * p_.dim, buf + (kConvert ? nq * p_.dim : 0));
+    std::tie(q_rows_, q_ld_) = rows_as_opmath(q_rows, nq, p_.dim, q_ld, buf);
+    std::tie(do_rows_, do_ld_) = rows_as_opmath(do_rows, nq, p_.dim, do_ld, buf + (kConvert ? nq * p_.dim : 0));
     nq_ = nq;
   }
   void scores_and_grad(int64_t j0, int64_t nk, A* probs, A* grad_probs) {
     const int64_t D = p_.dim;
-    gemm<A>(false, true, nq_, nk, D, A(p_.scale), q_rows_, D, k_head_ + j0 * D, D, A(0), probs, nk);
-    gemm<A>(false, true, nq_, nk, D, A(1), do_rows_, D, v_head_ + j0 * D, D, A(0), grad_probs, nk);
+    gemm<A>(false, true, nq_, nk, D, A(p_.scale), q_rows_, q_ld_, k_head_ + j0 * k_ld_, k_ld_, A(0), probs, nk);
+    gemm<A>(false, true, nq_, nk, D, A(1), do_rows_, do_ld_, v_head_ + j0 * v_ld_, v_ld_, A(0), grad_probs, nk);
   }
   void add_grads(const A* dropped, const A* grad_scores, int64_t j0, int64_t nk, A* dq) {
     const int64_t D = p_.dim;
     const A scale = A(p_.scale);
-    gemm<A>(true, false, nk, D, nq_, A(1), dropped, nk, do_rows_, D, A(1), dv_ + j0 * D, D);
-    gemm<A>(false, false, nq_, D, nk, scale, grad_scores, nk, k_head_ + j0 * D, D, A(1), dq, D);
-    gemm<A>(true, false, nk, D, nq_, scale, grad_scores, nk, q_rows_, D, A(1), dk_ + j0 * D, D);
+    gemm<A>(true, false, nk, D, nq_, A(1), dropped, nk, do_rows_, do_ld_, A(1), dv_ + j0 * D, D);
+    gemm<A>(false, false, nq_, D, nk, scale, grad_scores, nk, k_head_ + j0 * k_ld_, k_ld_, A(1), dq, D);
+    gemm<A>(true, false, nk, D, nq_, scale, grad_scores, nk, q_rows_, q_ld_, A(1), dk_ + j0 * D, D);
   }
   void finish_head() {
     if constexpr (kConvert) {
@@ -466,10 +499,10 @@ class BlasBackwardGemms {
 
  private:
   const Problem& p_;
-  const T *k_, *v_;
+  Rows<const T> k_, v_;
   T *grad_k_, *grad_v_;
   at::Tensor head_t_, rows_t_;
-  int64_t head_off_ = 0, nq_ = 0;
+  int64_t head_off_ = 0, nq_ = 0, k_ld_ = 0, v_ld_ = 0, q_ld_ = 0, do_ld_ = 0;
   const A *k_head_ = nullptr, *v_head_ = nullptr, *q_rows_ = nullptr, *do_rows_ = nullptr;
   A *dk_ = nullptr, *dv_ = nullptr;
 };
@@ -481,7 +514,8 @@ class BlasBackwardGemms {
 class Bf16BackwardGemms {
  public:
   using BF16 = c10::BFloat16;
-  Bf16BackwardGemms(const Problem& p, const Blocks& blk, const BF16* k, const BF16* v, BF16* grad_k, BF16* grad_v)
+  Bf16BackwardGemms(const Problem& p, const Blocks& blk, Rows<const BF16> k, Rows<const BF16> v, BF16* grad_k,
+                    BF16* grad_v)
       : p_(p), k_(k), v_(v), grad_k_(grad_k), grad_v_(grad_v) {
     const int64_t D = p.dim, Tk = p.kv_len;
     tk_ld_ = round_up_16(Tk);
@@ -506,25 +540,29 @@ class Bf16BackwardGemms {
     dk_ = grads_t_.data_ptr<float>();
     dv_ = dk_ + Tk * D;
   }
-  void set_head(int64_t task) {
+  void set_head(int64_t b, int64_t kv_head) {
     const int64_t D = p_.dim, Tk = p_.kv_len;
-    head_off_ = task * Tk * D;
-    pack_transposed_pairs(k_ + head_off_, Tk, D, D, kt_, tk_ld_);
-    pack_transposed_pairs(v_ + head_off_, Tk, D, D, vt_, tk_ld_);
-    pack_row_pairs(k_ + head_off_, Tk, D, D, kp_, d_ld_);
+    head_off_ = (b * p_.kv_heads + kv_head) * Tk * D;  // grad_k and grad_v are contiguous
+    const BF16 *k = k_.at(b, kv_head, 0), *v = v_.at(b, kv_head, 0);
+    pack_transposed_pairs(k, Tk, D, k_.t, kt_, tk_ld_);
+    pack_transposed_pairs(v, Tk, D, v_.t, vt_, tk_ld_);
+    pack_row_pairs(k, Tk, D, k_.t, kp_, d_ld_);
     std::fill(dk_, dk_ + 2 * Tk * D, 0.f);
   }
-  void set_rows(const BF16* q_rows, const BF16* do_rows, int64_t nq) {
+  // Q's and dO's rows are read as pairs in place: their ld and address are even (see pairs_readable).
+  void set_rows(const BF16* q_rows, int64_t q_ld, const BF16* do_rows, int64_t do_ld, int64_t nq) {
     q_rows_ = reinterpret_cast<const uint32_t*>(q_rows);
     do_rows_ = reinterpret_cast<const uint32_t*>(do_rows);
-    pack_row_pairs(q_rows, nq, p_.dim, p_.dim, qp_, d_ld_);
-    pack_row_pairs(do_rows, nq, p_.dim, p_.dim, dop_, d_ld_);
+    q_ld_ = q_ld / 2;
+    do_ld_ = do_ld / 2;
+    pack_row_pairs(q_rows, nq, p_.dim, q_ld, qp_, d_ld_);
+    pack_row_pairs(do_rows, nq, p_.dim, do_ld, dop_, d_ld_);
     nq_ = nq;
   }
   void scores_and_grad(int64_t j0, int64_t nk, float* probs, float* grad_probs) {
     const int64_t half_d = p_.dim / 2;
-    bf16_block_gemm(nq_, nk, half_d, float(p_.scale), q_rows_, half_d, 1, kt_ + j0, tk_ld_, false, probs, nk);
-    bf16_block_gemm(nq_, nk, half_d, 1.f, do_rows_, half_d, 1, vt_ + j0, tk_ld_, false, grad_probs, nk);
+    bf16_block_gemm(nq_, nk, half_d, float(p_.scale), q_rows_, q_ld_, 1, kt_ + j0, tk_ld_, false, probs, nk);
+    bf16_block_gemm(nq_, nk, half_d, 1.f, do_rows_, do_ld_, 1, vt_ + j0, tk_ld_, false, grad_probs, nk);
   }
   void add_grads(const float* dropped, const float* grad_scores, int64_t j0, int64_t nk, float* dq) {
     const int64_t D = p_.dim, q_pairs = pairs_of(nq_);
@@ -548,10 +586,10 @@ class Bf16BackwardGemms {
 
  private:
   const Problem& p_;
-  const BF16 *k_, *v_;
+  Rows<const BF16> k_, v_;
   BF16 *grad_k_, *grad_v_;
   at::Tensor words_t_, grads_t_;
-  int64_t tk_ld_, d_ld_, kv_ld_, ds_ld_, head_off_ = 0, nq_ = 0;
+  int64_t tk_ld_, d_ld_, kv_ld_, ds_ld_, head_off_ = 0, nq_ = 0, q_ld_ = 0, do_ld_ = 0;
   uint32_t *kt_, *vt_, *kp_, *qp_, *dop_, *pp_, *dsp_, *dsr_;
   const uint32_t *q_rows_ = nullptr, *do_rows_ = nullptr;
   float *dk_, *dv_;
@@ -562,55 +600,57 @@ class Bf16BackwardGemms {
 // dK and dV accumulate in the output tensors.
 class Fp32BackwardGemms {
  public:
-  Fp32BackwardGemms(const Problem& p, const float* k, const float* v, float* grad_k, float* grad_v)
+  Fp32BackwardGemms(const Problem& p, Rows<const float> k, Rows<const float> v, float* grad_k, float* grad_v)
       : p_(p), k_(k), v_(v), grad_k_(grad_k), grad_v_(grad_v), tk_ld_(round_up_16(p.kv_len)) {
     packed_t_ = at::empty({2 * p.dim * tk_ld_}, at::kFloat);
     kt_ = packed_t_.data_ptr<float>();
     vt_ = kt_ + p.dim * tk_ld_;
   }
-  void set_head(int64_t task) {
-    const int64_t D = p_.dim, Tk = p_.kv_len, off = task * Tk * D;
-    k_head_ = k_ + off;
-    pack_transposed(k_head_, Tk, D, D, kt_, tk_ld_);
-    pack_transposed(v_ + off, Tk, D, D, vt_, tk_ld_);
-    dk_ = grad_k_ + off;
+  void set_head(int64_t b, int64_t kv_head) {
+    const int64_t D = p_.dim, Tk = p_.kv_len, off = (b * p_.kv_heads + kv_head) * Tk * D;
+    k_head_ = k_.at(b, kv_head, 0);
+    pack_transposed(k_head_, Tk, D, k_.t, kt_, tk_ld_);
+    pack_transposed(v_.at(b, kv_head, 0), Tk, D, v_.t, vt_, tk_ld_);
+    dk_ = grad_k_ + off;  // grad_k and grad_v are contiguous
     dv_ = grad_v_ + off;
     std::fill(dk_, dk_ + Tk * D, 0.f);
     std::fill(dv_, dv_ + Tk * D, 0.f);
   }
-  void set_rows(const float* q_rows, const float* do_rows, int64_t nq) {
+  void set_rows(const float* q_rows, int64_t q_ld, const float* do_rows, int64_t do_ld, int64_t nq) {
     q_rows_ = q_rows;
     do_rows_ = do_rows;
+    q_ld_ = q_ld;
+    do_ld_ = do_ld;
     nq_ = nq;
   }
   void scores_and_grad(int64_t j0, int64_t nk, float* probs, float* grad_probs) {
     const int64_t D = p_.dim;
-    block_gemm(nq_, nk, D, float(p_.scale), q_rows_, D, 1, kt_ + j0, tk_ld_, false, probs, nk);
-    block_gemm(nq_, nk, D, 1.f, do_rows_, D, 1, vt_ + j0, tk_ld_, false, grad_probs, nk);
+    block_gemm(nq_, nk, D, float(p_.scale), q_rows_, q_ld_, 1, kt_ + j0, tk_ld_, false, probs, nk);
+    block_gemm(nq_, nk, D, 1.f, do_rows_, do_ld_, 1, vt_ + j0, tk_ld_, false, grad_probs, nk);
   }
   void add_grads(const float* dropped, const float* grad_scores, int64_t j0, int64_t nk, float* dq) {
     const int64_t D = p_.dim;
     const float scale = float(p_.scale);
-    block_gemm(nk, D, nq_, 1.f, dropped, 1, nk, do_rows_, D, true, dv_ + j0 * D, D);
-    block_gemm(nq_, D, nk, scale, grad_scores, nk, 1, k_head_ + j0 * D, D, true, dq, D);
-    block_gemm(nk, D, nq_, scale, grad_scores, 1, nk, q_rows_, D, true, dk_ + j0 * D, D);
+    block_gemm(nk, D, nq_, 1.f, dropped, 1, nk, do_rows_, do_ld_, true, dv_ + j0 * D, D);
+    block_gemm(nq_, D, nk, scale, grad_scores, nk, 1, k_head_ + j0 * k_.t, k_.t, true, dq, D);
+    block_gemm(nk, D, nq_, scale, grad_scores, 1, nk, q_rows_, q_ld_, true, dk_ + j0 * D, D);
   }
   void finish_head() {}
 
  private:
   const Problem& p_;
-  const float *k_, *v_;
+  Rows<const float> k_, v_;
   float *grad_k_, *grad_v_;
-  int64_t tk_ld_, nq_ = 0;
+  int64_t tk_ld_, nq_ = 0, q_ld_ = 0, do_ld_ = 0;
   at::Tensor packed_t_;
   float *kt_, *vt_, *dk_ = nullptr, *dv_ = nullptr;
   const float *k_head_ = nullptr, *q_rows_ = nullptr, *do_rows_ = nullptr;
 };
 
 template <typename T, typename MakeGemms>
-void attention_backward_kernel(const Problem& p, const Blocks& blk, const MakeGemms& make_gemms, const T* grad_out,
-                               const T* q, const T* out, const at::opmath_type<T>* lse,
-                               const at::opmath_type<T>* mask, T* grad_q) {
+void attention_backward_kernel(const Problem& p, const Blocks& blk, const MakeGemms& make_gemms,
+                               Rows<const T> grad_out, Rows<const T> q, Rows<const T> out,
+                               const at::opmath_type<T>* lse, const at::opmath_type<T>* mask, T* grad_q) {
   using A = at::opmath_type<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const SoftmaxRowKernels<A>& rows = softmax_row_kernels<A>();
@@ -634,19 +674,19 @@ void attention_backward_kernel(const Problem& p, const Blocks& blk, const MakeGe
 
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / p.kv_heads, kv_head = task % p.kv_heads;
-      gemms.set_head(task);
+      gemms.set_head(b, kv_head);
       // The group's q heads in order, each adding into the same dK, dV.
       for (int64_t g = 0; g < p.group(); ++g) {
         const int64_t h = kv_head * p.group() + g, bh = b * p.q_heads + h;
         for (int64_t i0 = 0; i0 < p.q_len; i0 += blk.q) {
           const int64_t nq = std::min(blk.q, p.q_len - i0), row0 = bh * p.q_len + i0;
-          gemms.set_rows(q + row0 * D, grad_out + row0 * D, nq);
+          gemms.set_rows(q.at(b, h, i0), q.t, grad_out.at(b, h, i0), grad_out.t, nq);
           A* dq = kConvert ? data<A>(dq_t) : reinterpret_cast<A*>(grad_q + row0 * D);
           std::fill(dq, dq + nq * D, A(0));
           for (int64_t r = 0; r < nq; ++r) {
             row_lse[r] = lse[row0 + r];
-            row_delta[r] = rows.dot(as_opmath(grad_out + (row0 + r) * D, D, do_row),
-                                    as_opmath(out + (row0 + r) * D, D, out_row), D);
+            row_delta[r] = rows.dot(as_opmath(grad_out.at(b, h, i0 + r), D, do_row),
+                                    as_opmath(out.at(b, h, i0 + r), D, out_row), D);
           }
           const A* mask_rows =
               mask ? mask + b * p.mask_stride_b + h * p.mask_stride_h + i0 * p.mask_stride_q : nullptr;
@@ -703,9 +743,6 @@ Problem check_problem(const char* op, const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(v.scalar_type() == dtype, op, ": v dtype ", v.scalar_type(), " must match q dtype ", dtype);
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
               ": q, k, v must be CPU tensors, got ", q.device(), ", ", k.device(), ", ", v.device());
-  TORCH_CHECK(q.is_contiguous(), op, ": q must be contiguous, got strides ", q.strides());
-  TORCH_CHECK(k.is_contiguous(), op, ": k must be contiguous, got strides ", k.strides());
-  TORCH_CHECK(v.is_contiguous(), op, ": v must be contiguous, got strides ", v.strides());
   Problem p;
   p.batch = q.size(0);
   p.q_heads = q.size(1);
@@ -747,91 +784,129 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
   TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(), " must be ",
               like.scalar_type());
-  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), op, ": ", name,
-              " must be a contiguous CPU tensor, got strides ", t.strides(), " on ", t.device());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+// A (B, H, T, D) input as the kernels read it: rows of D contiguous values at
+// any other strides, as it is when that holds, else a contiguous copy.
+at::Tensor with_contiguous_rows(const at::Tensor& t) {
+  return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous();
+}
+
+// Whether every row of a bf16 tensor starts on a pair (4 bytes): the bf16
+// GEMMs read Q's and dO's rows as pairs in place.
+bool pairs_readable(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 != 0) return false;
+  for (int64_t d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 2 != 0) return false;
+  }
+  return true;
+}
+
+at::Tensor with_pair_rows(const at::Tensor& t) {
+  return pairs_readable(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// out in q's memory order: (B, T, H, D) when q is a view of such memory (the
+// packed QKV projection of fasttx.nn.MultiheadSelfAttention), so that the
+// output projection reads it as (B, T, H * D) in place. The rule is
+// fasttx/ops/attention.py's _output_like, which the other backends follow.
+at::Tensor empty_output_like(const at::Tensor& q) {
+  if (q.size(1) > 1 && q.size(2) > 1 && q.stride(1) < q.stride(2)) {
+    return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+  }
+  return at::empty(q.sizes(), q.options());
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const std::optional<at::Tensor>& mask, bool is_causal,
-                                                     double scale, double dropout_p, int64_t seed, int64_t offset) {
-  const Problem p = check_problem("attention_fwd_cpu", q, k, v, mask, is_causal, scale, dropout_p, seed, offset);
-  auto out = at::empty_like(q);
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
+                                                     bool is_causal, double scale, double dropout_p, int64_t seed,
+                                                     int64_t offset) {
+  const Problem p =
+      check_problem("attention_fwd_cpu", q_in, k_in, v_in, mask, is_causal, scale, dropout_p, seed, offset);
+  auto q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
+  auto out = empty_output_like(q_in);
   auto lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const Blocks blk = forward_blocks(p);
   if (use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
-    const Bf16PackedKv kv = pack_kv_bf16(p, k.data_ptr<BF16>(), v.data_ptr<BF16>());
+    q = with_pair_rows(q);
+    const Bf16PackedKv kv = pack_kv_bf16(p, rows_of<const BF16>(k), rows_of<const BF16>(v));
     attention_forward_kernel<BF16>(
-        p, blk, [&] { return Bf16ForwardGemms(p, blk, kv); }, q.data_ptr<BF16>(),
-        mask ? mask->data_ptr<float>() : nullptr, out.data_ptr<BF16>(), data<float>(lse));
+        p, blk, [&] { return Bf16ForwardGemms(p, blk, kv); }, rows_of<const BF16>(q),
+        mask ? mask->data_ptr<float>() : nullptr, rows_of<BF16>(out), data<float>(lse));
     return {out, lse};
   }
   if (q.scalar_type() == at::kFloat && block_gemm_available()) {
-    const Fp32PackedKt kt = pack_kt_fp32(p, k.data_ptr<float>());
-    const float* v_data = v.data_ptr<float>();
+    const Fp32PackedKt kt = pack_kt_fp32(p, rows_of<const float>(k));
+    const auto v_rows = rows_of<const float>(v);
     attention_forward_kernel<float>(
-        p, blk, [&] { return Fp32ForwardGemms(p, kt, v_data); }, q.data_ptr<float>(),
-        mask ? mask->data_ptr<float>() : nullptr, out.data_ptr<float>(), data<float>(lse));
+        p, blk, [&] { return Fp32ForwardGemms(p, kt, v_rows); }, rows_of<const float>(q),
+        mask ? mask->data_ptr<float>() : nullptr, rows_of<float>(out), data<float>(lse));
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    const auto* k_data = k.data_ptr<scalar_t>();
-    const auto* v_data = v.data_ptr<scalar_t>();
+    const auto k_rows = rows_of<const scalar_t>(k), v_rows = rows_of<const scalar_t>(v);
     attention_forward_kernel<scalar_t>(
-        p, blk, [&] { return BlasForwardGemms<scalar_t>(p, blk, k_data, v_data); }, q.data_ptr<scalar_t>(),
-        mask ? mask->data_ptr<A>() : nullptr, out.data_ptr<scalar_t>(), data<A>(lse));
+        p, blk, [&] { return BlasForwardGemms<scalar_t>(p, blk, k_rows, v_rows); }, rows_of<const scalar_t>(q),
+        mask ? mask->data_ptr<A>() : nullptr, rows_of<scalar_t>(out), data<A>(lse));
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal, double scale, double dropout_p,
-    int64_t seed, int64_t offset) {
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool is_causal,
+    double scale, double dropout_p, int64_t seed, int64_t offset) {
   const char* op = "attention_bwd_cpu";
-  const Problem p = check_problem(op, q, k, v, mask, is_causal, scale, dropout_p, seed, offset);
-  check_like(op, "grad_out", grad_out, q);
-  check_like(op, "out", out, q);
+  const Problem p = check_problem(op, q_in, k_in, v_in, mask, is_causal, scale, dropout_p, seed, offset);
+  check_like(op, "grad_out", grad_out_in, q_in);
+  check_like(op, "out", out_in, q_in);
+  auto q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
+  auto out = with_contiguous_rows(out_in), grad_out = with_contiguous_rows(grad_out_in);
   const auto lse_dtype = at::toOpMathType(q.scalar_type());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.q_heads && lse.size(2) == p.q_len &&
                   lse.is_contiguous() && lse.scalar_type() == lse_dtype,
               op, ": lse must be a contiguous ", lse_dtype, " tensor of shape (", p.batch, ", ", p.q_heads, ", ",
               p.q_len, "), got ", lse.scalar_type(), " ", lse.sizes());
-  auto grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  // The gradients are contiguous (B, H, T, D), whatever the inputs' strides.
+  auto grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
+       grad_v = at::empty(v.sizes(), v.options());
   const Blocks blk = backward_blocks(p);
   if (use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
+    q = with_pair_rows(q);
+    grad_out = with_pair_rows(grad_out);
     auto* gk = grad_k.data_ptr<BF16>();
     auto* gv = grad_v.data_ptr<BF16>();
+    const auto k_rows = rows_of<const BF16>(k), v_rows = rows_of<const BF16>(v);
     attention_backward_kernel<BF16>(
-        p, blk, [&] { return Bf16BackwardGemms(p, blk, k.data_ptr<BF16>(), v.data_ptr<BF16>(), gk, gv); },
-        grad_out.data_ptr<BF16>(), q.data_ptr<BF16>(), out.data_ptr<BF16>(), data<float>(lse),
-        mask ? mask->data_ptr<float>() : nullptr, grad_q.data_ptr<BF16>());
+        p, blk, [&] { return Bf16BackwardGemms(p, blk, k_rows, v_rows, gk, gv); }, rows_of<const BF16>(grad_out),
+        rows_of<const BF16>(q), rows_of<const BF16>(out), data<float>(lse), mask ? mask->data_ptr<float>() : nullptr,
+        grad_q.data_ptr<BF16>());
     return {grad_q, grad_k, grad_v};
   }
   if (q.scalar_type() == at::kFloat && block_gemm_available()) {
-    const float* k_data = k.data_ptr<float>();
-    const float* v_data = v.data_ptr<float>();
+    const auto k_rows = rows_of<const float>(k), v_rows = rows_of<const float>(v);
     float* gk = grad_k.data_ptr<float>();
     float* gv = grad_v.data_ptr<float>();
     attention_backward_kernel<float>(
-        p, blk, [&] { return Fp32BackwardGemms(p, k_data, v_data, gk, gv); }, grad_out.data_ptr<float>(),
-        q.data_ptr<float>(), out.data_ptr<float>(), data<float>(lse), mask ? mask->data_ptr<float>() : nullptr,
-        grad_q.data_ptr<float>());
+        p, blk, [&] { return Fp32BackwardGemms(p, k_rows, v_rows, gk, gv); }, rows_of<const float>(grad_out),
+        rows_of<const float>(q), rows_of<const float>(out), data<float>(lse),
+        mask ? mask->data_ptr<float>() : nullptr, grad_q.data_ptr<float>());
     return {grad_q, grad_k, grad_v};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     auto* gk = grad_k.data_ptr<scalar_t>();
     auto* gv = grad_v.data_ptr<scalar_t>();
-    const auto* k_data = k.data_ptr<scalar_t>();
-    const auto* v_data = v.data_ptr<scalar_t>();
+    const auto k_rows = rows_of<const scalar_t>(k), v_rows = rows_of<const scalar_t>(v);
     attention_backward_kernel<scalar_t>(
-        p, blk, [&] { return BlasBackwardGemms<scalar_t>(p, blk, k_data, v_data, gk, gv); },
-        grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), data<A>(lse),
+        p, blk, [&] { return BlasBackwardGemms<scalar_t>(p, blk, k_rows, v_rows, gk, gv); },
+        rows_of<const scalar_t>(grad_out), rows_of<const scalar_t>(q), rows_of<const scalar_t>(out), data<A>(lse),
         mask ? mask->data_ptr<A>() : nullptr, grad_q.data_ptr<scalar_t>());
   });
   return {grad_q, grad_k, grad_v};

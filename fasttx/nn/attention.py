@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.nn.recompute import remember
 from fasttx.ops.attention import scaled_dot_product_attention
 
 
@@ -53,10 +52,9 @@ class MultiheadSelfAttention(torch.nn.Module):
         q, k, v = qkv.view(batch, seq, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         out = scaled_dot_product_attention(q, k, v, attn_mask, self.dropout if self.training else 0.0,
                                            self.is_causal and attn_mask is None)
-        # out_proj saves its input, a copy of out that the attention saves too: under
-        # recomputed_activations() it is copied again in backward instead of kept.
-        merge = lambda: out.transpose(1, 2).reshape(batch, seq, self.d_model)
-        return self.out_proj(remember(merge(), merge, out))
+        # q is a view of (batch, seq_len, heads, head_dim) memory, so the attention lays out its
+        # output the same way: merging the heads is a view, which out_proj saves at no cost.
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.d_model))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, bias={self.in_proj_bias is not None}, "

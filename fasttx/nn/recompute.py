@@ -3,18 +3,16 @@
 In a pre-LN block every LayerNorm output is kept twice: the norm saves its
 input for its own backward, and the linear after it saves the output. The
 output is a pure function of that input, so keeping it costs d_model values
-per token and buys nothing but one elementwise pass. The same holds for the
-(batch, seq, d_model) copy of the attention output that feeds out_proj: the
-attention saves the (batch, heads, seq, head_dim) original.
+per token and buys nothing but one elementwise pass.
 
 Inside ``recomputed_activations()``, a tensor given to ``remember(t, rebuild,
 *inputs)`` that an autograd function then saves is packed as its recipe
 (``rebuild``, which reads only ``inputs``, tensors kept anyway); backward
 calls it again. Outside, ``remember`` does nothing.
 The recipes here rebuild bit-identical tensors: the same norm kernel on the
-same input (add_layer_norm's output equals layer_norm of its saved sum), or
-a copy. A recipe input modified in place after the forward raises in
-backward, as autograd does for saved tensors.
+same input (add_layer_norm's output equals layer_norm of its saved sum). A
+recipe input modified in place after the forward raises in backward, as
+autograd does for saved tensors.
 
 Nothing is installed under torch.compile (its partitioner chooses what to
 recompute), without grad mode, or when other saved-tensor hooks are active

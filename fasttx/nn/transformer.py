@@ -16,9 +16,10 @@ linear1, linear2, norm1, norm2), so its state_dict loads both ways with
 activation, batch_first=True, norm_first=norm_first)``; with dropout 0 the
 two compute the same function. Inputs are batch-first, (batch, seq, d_model).
 
-In training, the norm outputs and out_proj's input are not kept for backward
-but rebuilt there from tensors kept anyway (fasttx/nn/recompute.py): three
-(batch, seq, d_model) tensors fewer per block, gradients bitwise the same.
+In training, the norm outputs are not kept for backward but rebuilt there
+from tensors kept anyway (fasttx/nn/recompute.py): two (batch, seq, d_model)
+tensors fewer per block, gradients bitwise the same. out_proj's input is a
+view of the attention's output, which the attention keeps anyway.
 
 Dropout applies to the attention probabilities and to both residual
 branches, as in TransformerEncoderLayer, but not inside the FFN: the fused

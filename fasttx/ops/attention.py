@@ -16,6 +16,7 @@ csrc/common/philox.h.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -110,6 +111,12 @@ def _torch_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout
 
 
 # ---- the other backends ---------------------------------------------------------
+# The CPU kernels read q, k, v (and out, grad_out) through their strides: views of a
+# packed QKV projection cost no copy. The GPU kernels take them contiguous.
+
+def _contiguous_first(n, fn):
+    return lambda *args: fn(*(t.contiguous() for t in args[:n]), *args[n:])
+
 
 def _cpu_forward(*args):
     return backends.extension().attention_fwd_cpu(*args)
@@ -119,19 +126,23 @@ def _cpu_backward(*args):
     return backends.extension().attention_bwd_cpu(*args)
 
 
+@functools.partial(_contiguous_first, 3)
 def _cuda_forward(*args):
     return backends.extension().attention_fwd_cuda(*args)
 
 
+@functools.partial(_contiguous_first, 5)
 def _cuda_backward(*args):
     return backends.extension().attention_bwd_cuda(*args)
 
 
+@functools.partial(_contiguous_first, 3)
 def _triton_forward(*args):
     from fasttx.kernels import attention as k
     return k.attention_forward(*args)
 
 
+@functools.partial(_contiguous_first, 5)
 def _triton_backward(*args):
     from fasttx.kernels import attention as k
     return k.attention_backward(*args)
@@ -169,12 +180,35 @@ def _nothing_to_compute(q, k):
     return q.numel() == 0 or k.shape[2] == 0
 
 
+def _output_in_bthd(q: Tensor) -> bool:
+    """Whether out is laid out as (B, T, H, D) memory: when q is a view of such memory, as the
+    packed QKV projection of fasttx.nn.MultiheadSelfAttention gives. The output projection then
+    reads out as (B, T, H * D) without a copy. csrc/cpu/attention.cpp allocates by the same rule."""
+    return q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2)
+
+
+def _output_like(out: Tensor, q: Tensor) -> Tensor:
+    """out in the layout _output_in_bthd picks for q, copied only when a backend gave another."""
+    if not _output_in_bthd(q):
+        return out.contiguous()
+    bthd = out.transpose(1, 2)
+    return out if bthd.is_contiguous() else bthd.contiguous().transpose(1, 2)
+
+
+def _empty_output_like(q: Tensor, head_dim: int) -> Tensor:
+    B, H, T, _ = q.shape
+    if _output_in_bthd(q):
+        return q.new_empty(B, T, H, head_dim).transpose(1, 2)
+    return q.new_empty(B, H, T, head_dim)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
              dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
     if _nothing_to_compute(q, k):  # no kernel launch; the contract (zeros, lse +inf) still holds
         impl = IMPLEMENTATIONS[-1]
-    return tuple(impl.forward(q, k, v, mask, is_causal, scale, dropout_p, int(seed), 0))
+    out, lse = impl.forward(q, k, v, mask, is_causal, scale, dropout_p, int(seed), 0)
+    return _output_like(out, q), lse
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
@@ -183,8 +217,8 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
     if _nothing_to_compute(q, k):
         impl = IMPLEMENTATIONS[-1]
-    return tuple(impl.backward(grad_out.contiguous(), q, k, v, out, lse, mask, is_causal, scale, dropout_p,
-                               int(seed), 0))
+    grads = impl.backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, int(seed), 0)
+    return tuple(g.contiguous() for g in grads)  # the layout the fake implementation promises
 
 
 @torch.library.custom_op("fasttx::attention_forward", mutates_args=())
@@ -195,7 +229,7 @@ def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
 
 @_attention_forward_op.register_fake
 def _(q, k, v, mask, is_causal, scale, dropout_p, seed, backend):
-    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
+    return _empty_output_like(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("fasttx::attention_backward", mutates_args=())
@@ -318,11 +352,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     batch = _batch_shape(q, k)
     hq, hk, tq, tk, d = q.shape[-3], k.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
     # One key/value head broadcast over the query heads (without enable_gqa) is a group of hq:
-    # the kernels serve it without copying k and v.
+    # the kernels serve it without copying k and v. Views stay views (see _contiguous_first).
     b = math.prod(batch)
-    q = q.expand(*batch, *q.shape[-3:]).reshape(b, hq, tq, d).contiguous()
-    k = k.expand(*batch, *k.shape[-3:]).reshape(b, hk, tk, d).contiguous()
-    v = v.expand(*batch, *v.shape[-3:]).reshape(b, hk, tk, v.shape[-1]).contiguous()
+    q = q.expand(*batch, *q.shape[-3:]).reshape(b, hq, tq, d)
+    k = k.expand(*batch, *k.shape[-3:]).reshape(b, hk, tk, d)
+    v = v.expand(*batch, *v.shape[-3:]).reshape(b, hk, tk, v.shape[-1])
     mask = None
     if attn_mask is not None:
         mask = _additive_mask(attn_mask, q).expand(*batch, hq, tq, tk)
