@@ -91,7 +91,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
 // fasttx/ops/attention.py); lse (B, Hq, Tq) in float32
 // (float64 for float64 q) is log sum_j exp(s_ij), before dropout, and +inf
 // for a fully masked row so that exp(s_ij - lse_i) recomputes p_ij = 0.
-// The backward returns (grad_q, grad_k, grad_v) shaped like q, k, v and contiguous; it is
+// The backward returns (grad_q, grad_k, grad_v) shaped like q, k, v and
+// contiguous, except the CPU's for q, k, v that are the three parts of one
+// contiguous (B, T, 3, H, D) tensor: then they are the parts of one such
+// tensor, the packed QKV gradient (fasttx.nn.attention.split_heads). It is
 // bitwise deterministic (no atomics; grouped heads are summed in a fixed order).
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,

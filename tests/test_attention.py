@@ -456,3 +456,48 @@ def test_multihead_self_attention_rejects_bad_shapes():
         fasttx.nn.MultiheadSelfAttention(30, 4)
     with pytest.raises(ValueError, match=r"\(batch, seq_len, 32\)"):
         fasttx.nn.MultiheadSelfAttention(32, 4)(torch.randn(2, 3, 31))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multihead_self_attention_gradients_match_torch_module(device, backend, dtype):
+    skip_unless_runnable(device, backend)
+    torch.manual_seed(0)
+    ours = fasttx.nn.MultiheadSelfAttention(64, 4, is_causal=True, device=device, dtype=dtype)
+    theirs = torch.nn.MultiheadAttention(64, 4, batch_first=True, device=device, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 21, 64, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(21, device=device, dtype=dtype)
+    with fasttx.use_backend(backend):
+        ours(x).backward(grad)
+    theirs(x, x, x, need_weights=False, attn_mask=mask, is_causal=True)[0].backward(grad)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=4e-2, atol=4e-2)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs.get_parameter(name).grad, **tol, msg=name)
+
+
+def test_split_heads_takes_the_cpu_kernels_packed_gradients_in_place():
+    """The CPU backward writes grad_q, grad_k, grad_v of a split QKV tensor as the parts of one packed
+    tensor, which split_heads' backward hands on as the QKV gradient; any other gradients are copied
+    into that layout. Both give autograd's own split gradient."""
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx.nn.attention import _packed, split_heads
+    torch.manual_seed(0)
+    b, t, h, d = 2, 9, 3, 16
+    qkv = torch.randn(b, t, 3 * h * d)
+    q, k, v = split_heads(qkv, h)
+    out, lse = fasttx._C.attention_fwd_cpu(q, k, v, None, True, 0.25, 0.0, 0, 0)
+    grads = fasttx._C.attention_bwd_cpu(torch.randn_like(out), q, k, v, out, lse, None, True, 0.25, 0.0, 0, 0)
+    packed = _packed(grads, b, t, h, d)
+    assert packed is not None and packed.data_ptr() == grads[0].data_ptr()
+    assert _packed(tuple(g.contiguous() for g in grads), b, t, h, d) is None
+    for given in (grads, tuple(g.contiguous() for g in grads), (grads[0], None, grads[2])):
+        leaf = qkv.clone().requires_grad_()
+        theirs = qkv.clone().requires_grad_()
+        ours_qkv = split_heads(leaf, h)
+        theirs_qkv = theirs.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        for views in (ours_qkv, theirs_qkv):
+            torch.autograd.backward([x for x, g in zip(views, given) if g is not None],
+                                    [g for g in given if g is not None])
+        assert torch.equal(leaf.grad, theirs.grad)

@@ -15,6 +15,53 @@ from torch import Tensor
 from fasttx.ops.attention import scaled_dot_product_attention
 
 
+def _packed(grads, b: int, t: int, n_heads: int, head_dim: int) -> Optional[Tensor]:
+    """grad_q, grad_k, grad_v as one (b, t, 3 * d) tensor when they are the three parts of one
+    contiguous (b, t, 3, heads, head_dim) tensor, as the CPU kernel writes them; else None."""
+    if any(g is None for g in grads):
+        return None
+    row = 3 * n_heads * head_dim
+    first = grads[0].storage_offset()
+    for i, g in enumerate(grads):
+        if (g.untyped_storage().data_ptr() != grads[0].untyped_storage().data_ptr()
+                or g.stride() != (t * row, head_dim, row, 1) or g.storage_offset() != first + i * n_heads * head_dim):
+            return None
+    return grads[0].as_strided((b, t, row), (t * row, row, 1), first)
+
+
+class _SplitHeads(torch.autograd.Function):
+    """The packed QKV projection (batch, seq_len, 3 * d_model) as q, k, v (batch, heads, seq_len,
+    head_dim) views. Autograd's own split (view, permute, unbind) stacks the three gradients in
+    backward and then copies the stack into the projection's layout; here the attention's CPU
+    kernel has already written them there, and otherwise they are copied there once."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, n_heads: int):
+        b, t, three_d = qkv.shape
+        ctx.dims = (b, t, n_heads, three_d // (3 * n_heads))
+        return qkv.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        b, t, n_heads, head_dim = ctx.dims
+        packed = _packed(grads, b, t, n_heads, head_dim)
+        if packed is None:
+            like = next(g for g in grads if g is not None)
+            packed = like.new_empty(b, t, 3, n_heads, head_dim)
+            for i, g in enumerate(grads):
+                packed[:, :, i] = 0 if g is None else g.transpose(1, 2)
+            packed = packed.view(b, t, -1)
+        return packed, None
+
+
+def split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (batch, heads, seq_len, head_dim) as views of qkv (batch, seq_len, 3 * d_model)."""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and qkv.requires_grad):
+        b, t, _ = qkv.shape  # inductor plans the gradient's layout itself
+        return qkv.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return _SplitHeads.apply(qkv, n_heads)
+
+
 class MultiheadSelfAttention(torch.nn.Module):
     def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0, is_causal: bool = False,
                  device=None, dtype=None) -> None:
@@ -49,7 +96,7 @@ class MultiheadSelfAttention(torch.nn.Module):
                              f"got {tuple(x.shape)}")
         batch, seq, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(batch, seq, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = split_heads(qkv, self.n_heads)
         out = scaled_dot_product_attention(q, k, v, attn_mask, self.dropout if self.training else 0.0,
                                            self.is_causal and attn_mask is None)
         # q is a view of (batch, seq_len, heads, head_dim) memory, so the attention lays out its

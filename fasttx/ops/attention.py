@@ -211,13 +211,21 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal:
     return _output_like(out, q), lse
 
 
-def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
-              is_causal: bool, scale: float, dropout_p: float, seed: Tensor,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_any_layout(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         mask: Optional[Tensor], is_causal: bool, scale: float, dropout_p: float, seed: Tensor,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients as the backend lays them out: the CPU's for q, k, v split from one packed
+    (B, T, 3, H, D) QKV tensor are the three parts of one such tensor (see split_heads)."""
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
     if _nothing_to_compute(q, k):
         impl = IMPLEMENTATIONS[-1]
-    grads = impl.backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, int(seed), 0)
+    return tuple(impl.backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, int(seed), 0))
+
+
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+              is_causal: bool, scale: float, dropout_p: float, seed: Tensor,
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _backward_any_layout(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, backend)
     return tuple(g.contiguous() for g in grads)  # the layout the fake implementation promises
 
 
@@ -265,7 +273,8 @@ def _autograd_backward(backward):
 
 
 _attention_forward_op.register_autograd(_autograd_backward(_attention_backward_op), setup_context=_setup_context)
-_AttentionFunction = eager_function("_AttentionFunction", _forward, _setup_context, _autograd_backward(_backward))
+_AttentionFunction = eager_function("_AttentionFunction", _forward, _setup_context,
+                                    _autograd_backward(_backward_any_layout))
 
 
 # ---- public API: torch's SDPA signature and semantics --------------------------------
