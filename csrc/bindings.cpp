@@ -32,6 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "our AVX512-BF16 block GEMMs in use for bf16 attention");
   m.def("set_block_gemm_enabled", &fasttx::set_block_gemm_enabled,
         "enable or disable both; returns the old setting");
+  m.def("bf16_brgemm_available", &fasttx::bf16_brgemm_available, "oneDNN's brgemm in use for bf16 attention");
+  m.def("set_bf16_brgemm_enabled", &fasttx::set_bf16_brgemm_enabled,
+        "enable or disable it; returns the old setting");
 #ifdef FASTTX_WITH_CUDA
   m.def("bias_gelu_fwd_cuda", &fasttx::bias_gelu_fwd_cuda, "gelu(x + bias), CUDA");
   m.def("bias_gelu_bwd_cuda", &fasttx::bias_gelu_bwd_cuda, "bias_gelu backward, CUDA");

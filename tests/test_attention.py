@@ -70,6 +70,11 @@ def _cpu_has_avx512_bf16():
         return "avx512_bf16" in f.read().split()
 
 
+def _cpu_has_amx_bf16():
+    with open("/proc/cpuinfo") as f:
+        return "amx_bf16" in f.read().split()
+
+
 def _cpu_is_intel():
     with open("/proc/cpuinfo") as f:
         return "GenuineIntel" in f.read()
@@ -81,34 +86,54 @@ def test_cpu_takes_our_block_gemms_where_they_beat_blas():
     skip_unless_runnable("cpu", "cpu")
     from fasttx import _C
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    wanted = {"block": True, "blas": False}.get(os.environ.get("FASTTX_ATTENTION_GEMM", ""), not _cpu_is_intel())
+    setting = os.environ.get("FASTTX_ATTENTION_GEMM", "")
+    wanted = {"block": True, "blas": False}.get(setting, not _cpu_is_intel())
     assert _C.block_gemm_available() == (avx512 and wanted)
     assert _C.bf16_block_gemm_available() == (avx512 and wanted and _cpu_has_avx512_bf16())
+    # brgemm serves bf16 unless block or blas was asked for, and only where the packing's AVX512-BF16 runs
+    if setting in ("block", "blas") or not (avx512 and _cpu_has_avx512_bf16()):
+        assert not _C.bf16_brgemm_available()
 
 
-@pytest.mark.parametrize("setting,enabled", [("block", True), ("blas", False), ("bogus", None)])
+@pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="brgemm's default needs a CPU that ATen runs it natively on")
+def test_cpu_takes_brgemm_for_bf16_where_the_cpu_has_amx():
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx import _C
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("ATEN_CPU_CAPABILITY is below AVX-512")
+    assert _C.bf16_brgemm_available() == (os.environ.get("FASTTX_ATTENTION_GEMM", "") in ("", "brgemm"))
+
+
+@pytest.mark.parametrize("setting,enabled", [("block", True), ("blas", False), ("brgemm", None), ("bogus", None)])
 def test_attention_gemm_environment_switch(setting, enabled):
     skip_unless_runnable("cpu", "cpu")
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("the block GEMMs need AVX-512")
-    code = "from fasttx import _C; print(_C.block_gemm_available())"
+    code = "from fasttx import _C; print(_C.block_gemm_available(), _C.bf16_brgemm_available())"
     env = dict(os.environ, FASTTX_ATTENTION_GEMM=setting)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    if enabled is None:
-        assert done.returncode != 0 and "FASTTX_ATTENTION_GEMM must be 'block' or 'blas'" in done.stderr
-    else:
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == str(enabled)
+    if setting == "bogus":
+        assert done.returncode != 0 and "FASTTX_ATTENTION_GEMM must be 'block', 'blas' or 'brgemm'" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    block, brgemm = done.stdout.split()
+    if enabled is not None:
+        assert (block, brgemm) == (str(enabled), "False")
+    else:  # brgemm: fp32 keeps its default, bf16 takes brgemm where it runs
+        assert block == str(not _cpu_is_intel()) and brgemm == str(_cpu_has_amx_bf16())
 
 
-@pytest.fixture(params=[True, False], ids=["block_gemm", "blas"])
-def block_gemm(request):
-    """Both CPU GEMM paths: our block GEMMs (where the machine has them) and BLAS on fp32 copies."""
+@pytest.fixture(params=["brgemm", "block", "blas"])
+def gemm_path(request):
+    """The CPU GEMM paths: oneDNN's brgemm for bf16 (where ATen runs it natively; the others then run BLAS),
+    our block GEMMs (where the machine has them) and BLAS on fp32 copies."""
     skip_unless_runnable("cpu", "cpu")
     from fasttx import _C
-    previous = _C.set_block_gemm_enabled(request.param)
+    previous = (_C.set_block_gemm_enabled(request.param == "block"),
+                _C.set_bf16_brgemm_enabled(request.param == "brgemm"))
     yield request.param
-    _C.set_block_gemm_enabled(previous)
+    _C.set_block_gemm_enabled(previous[0])
+    _C.set_bf16_brgemm_enabled(previous[1])
 
 
 # Several key blocks in the forward (512 keys) and backward (128), odd lengths, Tq != Tk, GQA, and an odd
@@ -117,13 +142,13 @@ def block_gemm(request):
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [(1, 2, 1, 300, 1100, 64), (1, 2, 2, 1000, 1000, 80), (2, 2, 2, 77, 77, 33),
                                    (1, 3, 3, 129, 257, 16)], ids=str)
-def test_cpu_both_gemm_paths(block_gemm, dtype, is_causal, shape):
+def test_cpu_both_gemm_paths(gemm_path, dtype, is_causal, shape):
     check_against_reference("cpu", *_qkv(*shape, "cpu", dtype), is_causal=is_causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_cpu_backward_is_deterministic_across_thread_counts(block_gemm, dtype, dropout_p):
+def test_cpu_backward_is_deterministic_across_thread_counts(gemm_path, dtype, dropout_p):
     q, k, v = _qkv(2, 4, 2, 200, 300, 64, "cpu", dtype)
     grad = torch.randn_like(q)
     runs = []
@@ -225,7 +250,7 @@ def _views(layout, dtype, B=2, T=37, H=3, D=16):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", ["packed_qkv", "odd_row_stride", "strided_head_dim"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_cpu_reads_views_in_place(block_gemm, dtype, layout, is_causal):
+def test_cpu_reads_views_in_place(gemm_path, dtype, layout, is_causal):
     q, k, v = _views(layout, dtype)
     if dtype != torch.float64:
         check_against_reference("cpu", q, k, v, is_causal=is_causal)
@@ -238,8 +263,11 @@ def test_cpu_reads_views_in_place(block_gemm, dtype, layout, is_causal):
     out = viewed[0]
     assert out.transpose(1, 2).is_contiguous() if layout != "strided_head_dim" else out.is_contiguous()
     assert copied[0].is_contiguous() and all(g.is_contiguous() for g in viewed[1:])
+    from fasttx import _C
+    ours = _C.block_gemm_available() if dtype == torch.float32 else \
+        dtype == torch.bfloat16 and (_C.bf16_block_gemm_available() or _C.bf16_brgemm_available())
     for name, a, b in zip(NAMES, viewed, copied):
-        if block_gemm:  # our GEMMs sum in an order that does not depend on the strides
+        if ours:  # our GEMMs and brgemm sum in an order that does not depend on the strides
             assert torch.equal(a, b), f"{name} differs between views and their contiguous copies"
         else:  # BLAS may pick other kernels for other leading dimensions
             torch.testing.assert_close(a, b, msg=f"{name} differs between views and their contiguous copies")

@@ -244,6 +244,8 @@ A* data(const at::Tensor& t) {
 template <typename T>
 class BlasForwardGemms {
  public:
+  // The GEMM applies the scale to S itself.
+  static constexpr double score_scale() { return 1; }
   using A = at::opmath_type<T>;
   BlasForwardGemms(const Problem& p, const Blocks& blk, Rows<const T> k, Rows<const T> v) : p_(p), k_(k), v_(v) {
     constexpr bool kConvert = !std::is_same_v<T, A>;
@@ -306,6 +308,8 @@ Fp32PackedKt pack_kt_fp32(const Problem& p, Rows<const float> k) {
 // pre-packed.
 class Fp32ForwardGemms {
  public:
+  // The GEMM applies the scale to S itself.
+  static constexpr double score_scale() { return 1; }
   Fp32ForwardGemms(const Problem& p, const Fp32PackedKt& kt, Rows<const float> v) : p_(p), kt_(kt), v_(v) {}
   void set_rows(const float* q_rows, int64_t ld, int64_t nq, int64_t b, int64_t kv_head) {
     q_rows_ = q_rows;
@@ -363,6 +367,8 @@ Bf16PackedKv pack_kv_bf16(const Problem& p, Rows<const c10::BFloat16> k, Rows<co
 // GPUs).
 class Bf16ForwardGemms {
  public:
+  // The GEMM applies the scale to S itself.
+  static constexpr double score_scale() { return 1; }
   using A = float;
   Bf16ForwardGemms(const Problem& p, const Blocks& blk, const Bf16PackedKv& kv) : p_(p), kv_(kv) {
     p_ld_ = 2 * pairs_of(blk.kv);
@@ -397,8 +403,60 @@ class Bf16ForwardGemms {
   int64_t q_ld_ = 0, nq_ = 0, kv_head_ = 0;
 };
 
+// The forward's GEMMs on oneDNN's brgemm (at::native::cpublas; AMX tiles
+// where the CPU has them): bf16 operands, fp32 sums. Q is read in place, K^T
+// and V are pack_kv_bf16's (its pairs layout is brgemm's VNNI layout for B),
+// P is rounded to bf16 before P V. brgemm has no alpha, so the softmax pass
+// applies the scale (score_scale). Its reduction length must be even (an odd
+// one raised SIGILL in oneDNN 3.x): odd key counts run one more key, whose
+// P and V entries are 0.
+class BrgemmForwardGemms {
+ public:
+  using BF16 = c10::BFloat16;
+  BrgemmForwardGemms(const Problem& p, const Blocks& blk, const Bf16PackedKv& kv) : p_(p), kv_(kv) {
+    p_ld_ = 2 * pairs_of(blk.kv);
+    probs_ = at::empty({blk.q * p_ld_}, at::kBFloat16);
+  }
+  BrgemmForwardGemms(const BrgemmForwardGemms&) = delete;
+  ~BrgemmForwardGemms() { at::native::cpublas::brgemm_release(); }
+  double score_scale() const { return p_.scale; }
+  void set_rows(const BF16* q_rows, int64_t ld, int64_t nq, int64_t b, int64_t kv_head) {
+    q_rows_ = q_rows;
+    q_ld_ = ld;
+    nq_ = nq;
+    kv_head_ = b * p_.kv_heads + kv_head;
+  }
+  void scores(int64_t j0, int64_t nk, float* s) {
+    const auto* kt = static_cast<const uint32_t*>(kv_.kt.data_ptr()) + kv_head_ * kv_.kt_head + j0;
+    at::native::cpublas::brgemm(nq_, nk, p_.dim, q_ld_, kv_.kt_ld, nk, false, q_rows_,
+                                reinterpret_cast<const BF16*>(kt), s);
+  }
+  void add_probs_times_v(const float* probs, int64_t j0, int64_t nk, float* acc) {
+    auto* pb = probs_.data_ptr<BF16>();
+    convert_rows(probs, nq_, nk, nk, pb, p_ld_);
+    // j0 is a multiple of the (even) key block: a whole pair index.
+    const auto* vp = static_cast<const uint32_t*>(kv_.v.data_ptr()) + kv_head_ * kv_.v_head + j0 / 2 * kv_.v_ld;
+    at::native::cpublas::brgemm(nq_, p_.dim, 2 * pairs_of(nk), p_ld_, kv_.v_ld, p_.dim, true, pb,
+                                reinterpret_cast<const BF16*>(vp), acc);
+  }
+
+ private:
+  const Problem& p_;
+  const Bf16PackedKv& kv_;
+  at::Tensor probs_;
+  int64_t p_ld_;
+  const BF16* q_rows_ = nullptr;
+  int64_t q_ld_ = 0, nq_ = 0, kv_head_ = 0;
+};
+
 // bf16 inputs take bf16_block_gemm where the machine has it. Q's rows are read as
 // pairs in place, so D must be even; odd D takes the fp32 path.
+// bf16 takes brgemm where ATen runs it natively; its reductions over D must
+// be even (see BrgemmForwardGemms), so odd D takes the BLAS path.
+bool use_bf16_brgemm(const Problem& p, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && p.dim % 2 == 0 && bf16_brgemm_available();
+}
+
 bool use_bf16_block_gemm(const Problem& p, at::ScalarType dtype) {
   return dtype == at::kBFloat16 && p.dim % 2 == 0 && bf16_block_gemm_available();
 }
@@ -414,6 +472,7 @@ void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGem
   at::parallel_for(0, p.batch * p.q_heads * q_blocks, 1, [&](int64_t t0, int64_t t1) {
     SingleThreadBlas single_thread_blas;
     auto gemms = make_gemms();
+    const A score_scale = A(gemms.score_scale());
     // Per-thread buffers from ATen's allocator: 64-byte aligned, so MKL sees
     // the same alignment, hence sums in the same order, on every run.
     auto scores_t = at::empty({blk.q * blk.kv}, opts), acc_t = at::empty({blk.q * D}, opts);
@@ -437,7 +496,7 @@ void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGem
           A* s = scores + r * nk;
           const int64_t valid = p.visible(i0 + r, j0, nk);
           const A* m = mask_rows ? mask_rows + r * p.mask_stride_q + j0 : nullptr;
-          const A block_max = rows.scale_mask_max(s, m, A(1), s, valid);
+          const A block_max = rows.scale_mask_max(s, m, score_scale, s, valid);
           const A factor = online_softmax_raise_max(state[r], block_max);
           online_softmax_add(state[r], rows.exp_sum(s, online_softmax_safe_max(state[r].max), s, valid));
           std::fill(s + valid, s + nk, A(0));
@@ -470,6 +529,8 @@ void attention_forward_kernel(const Problem& p, const Blocks& blk, const MakeGem
 template <typename T>
 class BlasBackwardGemms {
  public:
+  // The GEMM applies the scale to S itself.
+  static constexpr double score_scale() { return 1; }
   using A = at::opmath_type<T>;
   static constexpr bool kConvert = !std::is_same_v<T, A>;
   BlasBackwardGemms(const Problem& p, const Blocks& blk, Rows<const T> k, Rows<const T> v, Rows<T> grad_k,
@@ -542,6 +603,8 @@ class BlasBackwardGemms {
 // to bf16, packed as each GEMM reads them.
 class Bf16BackwardGemms {
  public:
+  // The GEMM applies the scale to S itself.
+  static constexpr double score_scale() { return 1; }
   using BF16 = c10::BFloat16;
   Bf16BackwardGemms(const Problem& p, const Blocks& blk, Rows<const BF16> k, Rows<const BF16> v, Rows<BF16> grad_k,
                     Rows<BF16> grad_v)
@@ -623,11 +686,114 @@ class Bf16BackwardGemms {
   float *dk_, *dv_;
 };
 
+// The backward's GEMMs on brgemm (see BrgemmForwardGemms). brgemm reads A
+// row-major only, so the two products that reduce over query rows are taken
+// transposed: dV^T += dO^T P and dK^T += Q^T dS, with Q^T and dO^T made once
+// per query block, P and dS packed as pairs of rows (B), and dK^T, dV^T of
+// the whole kv head summed in fp32 and stored transposed (dK times the
+// scale) when the head is done. dQ += (scale dS) K reads dS rounded to bf16
+// with the scale, and K packed per head.
+class BrgemmBackwardGemms {
+ public:
+  using BF16 = c10::BFloat16;
+  BrgemmBackwardGemms(const Problem& p, const Blocks& blk, Rows<const BF16> k, Rows<const BF16> v,
+                      Rows<BF16> grad_k, Rows<BF16> grad_v)
+      : p_(p), k_(k), v_(v), grad_k_(grad_k), grad_v_(grad_v) {
+    const int64_t D = p.dim, Tk = p.kv_len;
+    tk_ld_ = round_up_16(Tk);
+    d_ld_ = round_up_16(D);
+    kv_ld_ = round_up_16(blk.kv);
+    ds_ld_ = 2 * pairs_of(blk.kv);
+    qt_ld_ = 2 * pairs_of(blk.q);
+    // Words: K^T, V^T, K pairs | Q^T, dO^T rows | P, dS pairs | dS rows.
+    const int64_t head_words = 2 * (D / 2) * tk_ld_ + pairs_of(Tk) * d_ld_;
+    const int64_t row_words = D * qt_ld_;
+    const int64_t block_words = 2 * pairs_of(blk.q) * kv_ld_ + blk.q * ds_ld_ / 2;
+    words_t_ = at::empty({head_words + row_words + block_words}, at::kInt);
+    uint32_t* w = static_cast<uint32_t*>(words_t_.data_ptr());
+    kt_ = w;
+    vt_ = kt_ + (D / 2) * tk_ld_;
+    kp_ = vt_ + (D / 2) * tk_ld_;
+    qt_ = reinterpret_cast<BF16*>(kp_ + pairs_of(Tk) * d_ld_);
+    dot_ = qt_ + D * qt_ld_;
+    pp_ = reinterpret_cast<uint32_t*>(dot_ + D * qt_ld_);
+    dsp_ = pp_ + pairs_of(blk.q) * kv_ld_;
+    dsr_ = reinterpret_cast<BF16*>(dsp_ + pairs_of(blk.q) * kv_ld_);
+    grads_t_ = at::empty({2 * D * tk_ld_}, at::kFloat);
+    dkt_ = grads_t_.data_ptr<float>();
+    dvt_ = dkt_ + D * tk_ld_;
+  }
+  BrgemmBackwardGemms(const BrgemmBackwardGemms&) = delete;
+  ~BrgemmBackwardGemms() { at::native::cpublas::brgemm_release(); }
+  double score_scale() const { return p_.scale; }
+  void set_head(int64_t b, int64_t kv_head) {
+    const int64_t D = p_.dim, Tk = p_.kv_len;
+    b_ = b;
+    kv_head_ = kv_head;
+    const BF16 *k = k_.at(b, kv_head, 0), *v = v_.at(b, kv_head, 0);
+    pack_transposed_pairs(k, Tk, D, k_.t, kt_, tk_ld_);
+    pack_transposed_pairs(v, Tk, D, v_.t, vt_, tk_ld_);
+    pack_row_pairs(k, Tk, D, k_.t, kp_, d_ld_);
+    std::fill(dkt_, dkt_ + 2 * D * tk_ld_, 0.f);
+  }
+  void set_rows(const BF16* q_rows, int64_t q_ld, const BF16* do_rows, int64_t do_ld, int64_t nq) {
+    q_rows_ = q_rows;
+    do_rows_ = do_rows;
+    q_ld_ = q_ld;
+    do_ld_ = do_ld;
+    transpose_rows(q_rows, nq, p_.dim, q_ld, qt_, qt_ld_);
+    transpose_rows(do_rows, nq, p_.dim, do_ld, dot_, qt_ld_);
+    nq_ = nq;
+  }
+  void scores_and_grad(int64_t j0, int64_t nk, float* probs, float* grad_probs) {
+    const int64_t D = p_.dim;
+    at::native::cpublas::brgemm(nq_, nk, D, q_ld_, tk_ld_, nk, false, q_rows_, bf16(kt_ + j0), probs);
+    at::native::cpublas::brgemm(nq_, nk, D, do_ld_, tk_ld_, nk, false, do_rows_, bf16(vt_ + j0), grad_probs);
+  }
+  void add_grads(const float* dropped, const float* grad_scores, int64_t j0, int64_t nk, float* dq, int64_t dq_ld) {
+    const int64_t D = p_.dim, q_even = 2 * pairs_of(nq_);
+    pack_row_pairs(dropped, nq_, nk, nk, pp_, kv_ld_);
+    at::native::cpublas::brgemm(D, nk, q_even, qt_ld_, kv_ld_, tk_ld_, true, dot_, bf16(pp_), dvt_ + j0);
+    pack_row_pairs(grad_scores, nq_, nk, nk, dsp_, kv_ld_);
+    at::native::cpublas::brgemm(D, nk, q_even, qt_ld_, kv_ld_, tk_ld_, true, qt_, bf16(dsp_), dkt_ + j0);
+    convert_rows(grad_scores, nq_, nk, nk, dsr_, ds_ld_, float(p_.scale));
+    // j0 is a multiple of the (even) key block: a whole pair index into K.
+    at::native::cpublas::brgemm(nq_, D, 2 * pairs_of(nk), ds_ld_, d_ld_, dq_ld, true, dsr_,
+                                bf16(kp_ + j0 / 2 * d_ld_), dq);
+  }
+  void finish_head() {
+    const int64_t D = p_.dim;
+    const float scale = float(p_.scale);
+    for (int64_t j = 0; j < p_.kv_len; ++j) {
+      BF16* gk = grad_k_.at(b_, kv_head_, j);
+      BF16* gv = grad_v_.at(b_, kv_head_, j);
+      for (int64_t d = 0; d < D; ++d) {
+        gk[d] = BF16(scale * dkt_[d * tk_ld_ + j]);
+        gv[d] = BF16(dvt_[d * tk_ld_ + j]);
+      }
+    }
+  }
+
+ private:
+  static const BF16* bf16(const uint32_t* words) { return reinterpret_cast<const BF16*>(words); }
+  const Problem& p_;
+  Rows<const BF16> k_, v_;
+  Rows<BF16> grad_k_, grad_v_;
+  at::Tensor words_t_, grads_t_;
+  int64_t tk_ld_, d_ld_, kv_ld_, ds_ld_, qt_ld_, b_ = 0, kv_head_ = 0, nq_ = 0, q_ld_ = 0, do_ld_ = 0;
+  uint32_t *kt_, *vt_, *kp_, *pp_, *dsp_;
+  BF16 *qt_, *dot_, *dsr_;
+  const BF16 *q_rows_ = nullptr, *do_rows_ = nullptr;
+  float *dkt_, *dvt_;
+};
+
 // The backward's GEMMs for fp32 with our block GEMM: K^T and V^T packed per
 // kv head, everything else read in place, P^T and dS^T through A's strides.
 // dK and dV accumulate in the output tensors.
 class Fp32BackwardGemms {
  public:
+  // The GEMM applies the scale to S itself.
+  static constexpr double score_scale() { return 1; }
   Fp32BackwardGemms(const Problem& p, Rows<const float> k, Rows<const float> v, Rows<float> grad_k,
                     Rows<float> grad_v)
       : p_(p), k_(k), v_(v), grad_k_(grad_k), grad_v_(grad_v), tk_ld_(round_up_16(p.kv_len)),
@@ -707,6 +873,7 @@ void attention_backward_kernel(const Problem& p, const Blocks& blk, const MakeGe
   at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t t0, int64_t t1) {
     SingleThreadBlas single_thread_blas;
     auto gemms = make_gemms();
+    const A score_scale = A(gemms.score_scale());
     const int64_t sq = blk.q * blk.kv;
     auto scores_t = at::empty({(p.dropout.on ? 3 : 2) * sq}, opts);
     A* probs = data<A>(scores_t);                        // P, recomputed
@@ -748,7 +915,8 @@ void attention_backward_kernel(const Problem& p, const Blocks& blk, const MakeGe
               A* pr = probs + r * nk;
               const int64_t valid = p.visible(i0 + r, j0, nk);
               const A* m = mask_rows ? mask_rows + r * p.mask_stride_q + j0 : nullptr;
-              if (m) rows.scale_mask_max(pr, m, A(1), pr, valid);  // adds the mask; the max is not needed
+              // Scales (where the GEMM did not) and adds the mask; the max is not needed.
+              if (m || score_scale != A(1)) rows.scale_mask_max(pr, m, score_scale, pr, valid);
               rows.exp_sum(pr, row_lse[r], pr, valid);  // exp(s - (+inf)) = 0 in fully masked rows
               std::fill(pr + valid, pr + nk, A(0));
               A* gs = grad_scores + r * nk;
@@ -902,6 +1070,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   auto out = empty_output_like(q_in);
   auto lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const Blocks blk = forward_blocks(p);
+  if (use_bf16_brgemm(p, q.scalar_type())) {
+    using BF16 = c10::BFloat16;
+    const Bf16PackedKv kv = pack_kv_bf16(p, rows_of<const BF16>(k), rows_of<const BF16>(v));
+    attention_forward_kernel<BF16>(
+        p, blk, [&] { return BrgemmForwardGemms(p, blk, kv); }, rows_of<const BF16>(q),
+        mask ? mask->data_ptr<float>() : nullptr, rows_of<BF16>(out), data<float>(lse));
+    return {out, lse};
+  }
   if (use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
     q = with_pair_rows(q);
@@ -946,6 +1122,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               p.q_len, "), got ", lse.scalar_type(), " ", lse.sizes());
   auto [grad_q, grad_k, grad_v] = empty_grads_like(q_in, k_in, v_in);
   const Blocks blk = backward_blocks(p);
+  if (use_bf16_brgemm(p, q.scalar_type())) {
+    using BF16 = c10::BFloat16;
+    const auto gk = rows_of<BF16>(grad_k), gv = rows_of<BF16>(grad_v);
+    const auto k_rows = rows_of<const BF16>(k), v_rows = rows_of<const BF16>(v);
+    attention_backward_kernel<BF16>(
+        p, blk, [&] { return BrgemmBackwardGemms(p, blk, k_rows, v_rows, gk, gv); }, rows_of<const BF16>(grad_out),
+        rows_of<const BF16>(q), rows_of<const BF16>(out), data<float>(lse), mask ? mask->data_ptr<float>() : nullptr,
+        rows_of<BF16>(grad_q));
+    return {grad_q, grad_k, grad_v};
+  }
   if (use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
     q = with_pair_rows(q);

@@ -41,6 +41,11 @@ bool bf16_block_gemm_available();
 // The tests' switch, to run the BLAS fallback on a machine that has the
 // instructions. Returns the previous setting.
 bool set_block_gemm_enabled(bool enabled);
+// bf16 attention on oneDNN's brgemm (at::native::cpublas): where ATen runs it
+// natively (AMX or AVX512-BF16) and FASTTX_ATTENTION_GEMM is unset or
+// brgemm. It takes precedence over bf16_block_gemm. The switch is the tests'.
+bool bf16_brgemm_available();
+bool set_bf16_brgemm_enabled(bool enabled);
 
 inline int64_t pairs_of(int64_t k) { return (k + 1) / 2; }
 inline int64_t round_up_16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -68,8 +73,14 @@ void pack_row_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_
 void pack_transposed_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
                            int64_t ld_dst);
 
-// fp32 rows to bf16 (round to nearest even), each padded with 0 to ld_dst
-// (even, >= cols): an A with a_row = ld_dst / 2, a_col = 1.
-void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst, int64_t ld_dst);
+// fp32 rows times scale to bf16 (round to nearest even), each padded with 0
+// to ld_dst (even, >= cols): an A with a_row = ld_dst / 2, a_col = 1.
+void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst, int64_t ld_dst,
+                  float scale = 1.f);
+
+// dst[d * ld_dst + i] = src[i * ld + d]: a bf16 (rows x cols) block transposed,
+// zero-padded to ld_dst (>= rows) columns.
+void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
+                    int64_t ld_dst);
 
 }  // namespace fasttx
