@@ -1,7 +1,8 @@
 // gelu_ffn on the CPU: out = act(x w1^T + b1) w2^T + b2 and its backward.
 // The GEMMs are ATen's (MKL/oneDNN BLAS, transposes passed as flags, never
 // copied), with the biases as their beta term; between them run the
-// elementwise passes of gelu_ffn_vec.h, block of tokens by block of tokens.
+// elementwise passes of gelu_ffn_vec.h (but exact GELU's forward, which is
+// oneDNN's: see activation_into), block of tokens by block of tokens.
 // Only preact is kept for backward: act(preact) is recomputed there.
 #include "ops.h"
 
@@ -79,6 +80,20 @@ at::Tensor activation_grad_ref(const at::Tensor& grad, const at::Tensor& z, Acti
   return at::gelu_backward(grad, z, activation == Activation::kGeluTanh ? "tanh" : "none");
 }
 
+// act = act(preact) into a preallocated buffer. Exact GELU goes to ATen's
+// gelu_out, which hands contiguous float/bf16 tensors to oneDNN's JIT eltwise
+// kernel: on a 2-core AVX-512/AMX Xeon it ran (2048, 1536) bf16 in 0.49 ms
+// against 1.08 for ours (fp32 0.48 against 0.77), and the FFN forward+backward
+// of the reference GPT (2048 tokens, 384 -> 1536) 8% faster in bf16. The
+// backward keeps our pass (common/activation.h's derivative), which beat
+// ATen's gelu_backward plus a column sum there.
+void activation_into(const at::Tensor& preact, at::Tensor act, Activation kind,
+                     const FfnActivationKernels* kernels) {
+  if (kind == Activation::kGelu) at::gelu_out(act, preact, "none");
+  else if (kernels) kernels->forward(preact, act, kind);
+  else act.copy_(activation_ref(preact, kind));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
@@ -111,8 +126,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(const at::Tensor& x, const a
     auto p = preact.narrow(0, r0, n), a = act.narrow(0, 0, n), o = out.narrow(0, r0, n);
     if (b1) at::addmm_out(p, *b1, x.narrow(0, r0, n), w1.t());
     else at::mm_out(p, x.narrow(0, r0, n), w1.t());
-    if (kernels) kernels->forward(p, a, act_kind);
-    else a.copy_(activation_ref(p, act_kind));
+    activation_into(p, a, act_kind, kernels);
     if (b2) at::addmm_out(o, *b2, a, w2.t());
     else at::mm_out(o, a, w2.t());
   }
@@ -156,8 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
     const int64_t n = std::min(block, m - r0);
     auto t = buffer.narrow(0, 0, n), p = preact.narrow(0, r0, n);
     auto go = grad_out.narrow(0, r0, n), xb = x.narrow(0, r0, n), gx = grad_x.narrow(0, r0, n);
-    if (kernels) kernels->forward(p, t, act_kind);  // t = act(preact)
-    else t.copy_(activation_ref(p, act_kind));
+    activation_into(p, t, act_kind, kernels);  // t = act(preact)
     if (r0 == 0) at::mm_out(grad_w2, go.t(), t);
     else grad_w2.addmm_(go.t(), t);
     at::mm_out(t, go, w2);  // t = the grad of act(preact), made grad_h in place
