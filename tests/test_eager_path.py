@@ -129,14 +129,12 @@ def test_norm_fast_path_leaves_everything_else_to_python(case):
     assert norm_eager_cpu(*args[:5], 1e-5, args[5]) is None
 
 
-def test_norm_fast_path_declines_modes_transforms_and_autocast():
+def test_norm_fast_path_declines_modes_and_transforms():
     norm_eager_cpu = _norm_eager_cpu()
     seen = []
     call = lambda t: (seen.append(norm_eager_cpu(t, None, (3,), None, None, 1e-5, False)), t.sum())[1]
     torch.func.grad(call)(torch.randn(2, 3))
     torch.vmap(call)(torch.randn(4, 2, 3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        call(torch.randn(2, 3))
     with FakeTensorMode():
         call(torch.empty(2, 3))
     class PassThrough(TorchFunctionMode):
@@ -145,8 +143,30 @@ def test_norm_fast_path_declines_modes_transforms_and_autocast():
 
     with PassThrough():
         call(torch.randn(2, 3))
-    assert seen == [None] * 5
+    assert seen == [None] * 4
     assert call(torch.randn(2, 3)) is not None and seen[-1] is not None  # and outside them all, it serves
+
+
+def test_norm_fast_path_makes_autocasts_casts():
+    """Under autocast a bf16 branch meets an fp32 residual in fp32 and the parameters follow x, as on the
+    Python path (fasttx/ops/_autocast.py); the fast path serves it with the same casts and gradients."""
+    norm_eager_cpu = _norm_eager_cpu()
+    x = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(8, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    g = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = norm_eager_cpu(x, r, (8,), w, b, 1e-5, False)
+    assert fast is not None and fast[0].dtype == fast[1].dtype == torch.float32
+    fast_grads = torch.autograd.grad((fast[0] * g).sum() + fast[1].sum(), (x, r, w, b))
+    y, s = fasttx.add_layer_norm(x.float(), r, 8, w.float(), b)
+    assert torch.equal(fast[0], y) and torch.equal(fast[1], s)
+    grads = torch.autograd.grad((y * g).sum() + s.sum(), (x, r, w, b))
+    for name, a, e in zip("x r weight bias".split(), fast_grads, grads):
+        assert a.dtype == e.dtype and torch.equal(a, e), name
+    # outside autocast, mixed dtypes go to the Python path, which raises
+    assert norm_eager_cpu(x, r, (8,), None, None, 1e-5, False) is None
 
 
 def test_norm_fast_path_refuses_a_second_derivative():

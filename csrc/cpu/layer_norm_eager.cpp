@@ -6,9 +6,10 @@
 // because the kernel's 25 MB of rows evict the interpreter's working set and
 // every Python step after it misses cache. Eager F.layer_norm pays a few
 // microseconds there. This path serves only the plain case (CPU tensors of one
-// float dtype, nothing tracing, no autocast) and returns nothing otherwise, so
-// that fasttx/ops/layer_norm.py's Python path, which owns every error message
-// and every other backend, takes the call. The kernels are the same ones.
+// float dtype once autocast's casts are made, nothing tracing) and returns
+// nothing otherwise, so that fasttx/ops/layer_norm.py's Python path, which owns
+// every error message and every other backend, takes the call. The kernels
+// are the same ones.
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
@@ -106,20 +107,35 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
 }  // namespace
 
 std::optional<std::tuple<at::Tensor, at::Tensor>> norm_eager_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, at::IntArrayRef normalized_shape,
+    const at::Tensor& x_in, const std::optional<at::Tensor>& residual, at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms) {
-  const at::Tensor res = residual.value_or(at::Tensor());
-  const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+  at::Tensor x = x_in, res = residual.value_or(at::Tensor());
+  at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
   // Anything but the plain case goes back to Python, which checks it and says what is wrong.
-  const int64_t k = int64_t(normalized_shape.size());
-  if (!x.device().is_cpu() || !is_float(x.scalar_type()) || !unwrapped(x) ||
-      x.numel() == 0 || k == 0 || x.dim() < k || x.sizes().slice(x.dim() - k) != normalized_shape ||
-      !parameter_ok(w, x, normalized_shape) || !parameter_ok(b, x, normalized_shape) || (rms && b.defined()) ||
-      (res.defined() && (!plain_like(res, x) || res.sizes() != x.sizes())))
-    return std::nullopt;
+  const auto plain = [](const at::Tensor& t) { return !t.defined() || (t.device().is_cpu() && unwrapped(t)); };
+  if (!x.defined() || !plain(x) || !plain(res) || !plain(w) || !plain(b)) return std::nullopt;
   if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled() ||
-      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      at::autocast::is_autocast_enabled(at::kCPU))
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
+    return std::nullopt;
+  if (at::autocast::is_autocast_enabled(at::kCPU)) {
+    // The casts of fasttx/ops/_autocast.py (promoted, params_like), as ordinary
+    // differentiable casts: a bf16 branch meets an fp32 residual in fp32, and
+    // the norm's parameters follow x. Under autocast these went through the
+    // Python path, ~0.5 ms per add_layer_norm forward+backward at (2048, 384).
+    const auto floating = [](const at::Tensor& t) { return t.defined() && is_float(t.scalar_type()); };
+    if (floating(x) && floating(res) && x.scalar_type() != res.scalar_type()) {
+      const auto common = at::promote_types(x.scalar_type(), res.scalar_type());
+      x = x.to(common);
+      res = res.to(common);
+    }
+    if (floating(x) && floating(w) && w.scalar_type() != x.scalar_type()) w = w.to(x.scalar_type());
+    if (floating(x) && floating(b) && b.scalar_type() != x.scalar_type()) b = b.to(x.scalar_type());
+  }
+  const int64_t k = int64_t(normalized_shape.size());
+  if (!is_float(x.scalar_type()) || x.numel() == 0 || k == 0 || x.dim() < k ||
+      x.sizes().slice(x.dim() - k) != normalized_shape || !parameter_ok(w, x, normalized_shape) ||
+      !parameter_ok(b, x, normalized_shape) || (rms && b.defined()) ||
+      (res.defined() && (!plain_like(res, x) || res.sizes() != x.sizes())))
     return std::nullopt;
 
   // Each dispatcher call here runs cache-cold after the kernel: skip the no-op ones.
