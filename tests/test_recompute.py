@@ -55,6 +55,44 @@ def test_gradients_are_bitwise_the_same(norm_first, dtype, bias):
         assert torch.equal(got, want)
 
 
+def _autocast_grads(block, x, grad):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _grads(block, x, grad)
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
+def test_gradients_under_autocast_are_bitwise_the_same(norm_first):
+    """Under autocast the lower-precision casts of the norm outputs and of the weights are rebuilt too
+    (autocast_operand), replaying the forward's autocast."""
+    block = _block(norm_first)
+    x = torch.randn(BATCH, SEQ, D_MODEL)
+    grad = torch.randn_like(x)
+    out, grads = _autocast_grads(block, x, grad)
+    with _identity_hooks():
+        kept_out, kept_grads = _autocast_grads(block, x, grad)
+    assert out.dtype == torch.float32 and torch.equal(out, kept_out)
+    for got, want in zip(grads, kept_grads):
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_autocast_casts_are_not_held():
+    block = _block(True)
+    x = torch.randn(BATCH, SEQ, D_MODEL, requires_grad=True)
+    run = lambda: _autocast_forward(block, x)
+    run()
+    recomputed = _net_bytes(run)
+    with _identity_hooks():
+        kept = _net_bytes(run)
+    # bf16 copies of norm1's and norm2's outputs, and of the four weight matrices (the biases are not saved)
+    weights = sum(p.numel() for name, p in block.named_parameters() if p.dim() == 2)
+    assert kept - recomputed == (2 * x.numel() + weights) * 2
+
+
+def _autocast_forward(block, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return block(x)
+
+
 def _net_bytes(fn):
     """Bytes allocated by fn() and still held when it returns; its result, and so the graph, stays alive."""
     from torch.profiler import ProfilerActivity, profile

@@ -16,8 +16,13 @@ autograd does for saved tensors.
 
 Nothing is installed under torch.compile (its partitioner chooses what to
 recompute), without grad mode, or when other saved-tensor hooks are active
-(torch.utils.checkpoint, save_on_cpu): ours would shadow them. Nothing is
-registered under autocast, which backward would not replay.
+(torch.utils.checkpoint, save_on_cpu): ours would shadow them. A recipe
+registered under autocast replays under the same autocast settings.
+
+Under autocast, the lower-precision copies that a linear saves (of a weight,
+of a norm's output) are activations too: ``autocast_operand(t)`` makes the
+cast autocast would make, and registers it, rebuilt from the parameter or
+from t's own recipe.
 """
 from __future__ import annotations
 
@@ -62,9 +67,22 @@ class Recipes:
         # Only a fresh, whole, contiguous tensor: the recipe rebuilds exactly that layout.
         whole = t.numel() and t.is_contiguous() and t.storage_offset() == 0 \
             and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        if whole and not torch.is_autocast_enabled(t.device.type):
-            self._entries[t.untyped_storage().data_ptr()] = (weakref.ref(t), rebuild, inputs)
+        if not whole:
+            return t
+        device = t.device.type
+        if torch.is_autocast_enabled(device):  # backward runs outside autocast: replay the forward's
+            dtype, inner = torch.get_autocast_dtype(device), rebuild
+
+            def rebuild() -> Tensor:
+                with torch.autocast(device, dtype=dtype):
+                    return inner()
+        self._entries[t.untyped_storage().data_ptr()] = (weakref.ref(t), rebuild, inputs)
         return t
+
+    def recipe_of(self, t: Tensor) -> Optional[tuple[Callable[[], Tensor], tuple]]:
+        """The rebuild and inputs registered for t itself, or None."""
+        entry = self._entries.get(t.untyped_storage().data_ptr())
+        return entry[1:] if entry is not None and entry[0]() is t else None
 
     def clear(self) -> None:
         self._entries.clear()
@@ -120,3 +138,27 @@ def remember(t: Tensor, rebuild: Callable[[], Tensor], *inputs: Tensor) -> Tenso
         return t
     recipes = _CURRENT.get()
     return recipes.remember(t, rebuild, tuple(i for i in inputs if i is not None)) if recipes is not None else t
+
+
+def autocast_operand(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t as autocast hands it to a linear or an attention (its lower-precision dtype; float64, non-floating
+    and None pass through), and outside autocast t itself. The cast is made here, not inside the op, so
+    that inside ``recomputed_activations()`` it is rebuilt in backward instead of kept: a leaf's (a
+    weight's) from the leaf, a remembered activation's from its recipe. Other tensors are only cast."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64 \
+            or not torch.is_autocast_enabled(t.device.type):
+        return t
+    dtype = torch.get_autocast_dtype(t.device.type)
+    if t.dtype == dtype:
+        return t
+    cast = t.to(dtype)
+    recipes = _CURRENT.get()
+    if recipes is None or torch.compiler.is_compiling():
+        return cast
+    found = recipes.recipe_of(t)
+    if found is not None:
+        rebuild, inputs = found
+        return recipes.remember(cast, lambda: rebuild().to(dtype), inputs)
+    if t.is_leaf:
+        return recipes.remember(cast, lambda: t.to(dtype), (t,))
+    return cast

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fasttx.nn.attention import MultiheadSelfAttention
 from fasttx.nn.normalization import LayerNorm
-from fasttx.nn.recompute import recomputed_activations, remember
+from fasttx.nn.recompute import autocast_operand, recomputed_activations, remember
 from fasttx.ops.gelu_ffn import ACTIVATIONS, gelu_ffn
 from fasttx.ops.layer_norm import add_layer_norm, layer_norm
 
@@ -64,8 +64,10 @@ class TransformerBlock(torch.nn.Module):
         return F.dropout(t, self.dropout, self.training) if self.dropout > 0 else t
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return self._branch_dropout(gelu_ffn(x, self.linear1.weight, self.linear1.bias, self.linear2.weight,
-                                             self.linear2.bias, self.activation))
+        operand = autocast_operand  # under autocast, casts that recomputed_activations() can rebuild
+        return self._branch_dropout(gelu_ffn(operand(x), operand(self.linear1.weight), operand(self.linear1.bias),
+                                             operand(self.linear2.weight), operand(self.linear2.bias),
+                                             self.activation))
 
     def _add_norm(self, norm: LayerNorm, branch: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """(norm(branch + residual), branch + residual) in one pass."""
