@@ -762,16 +762,8 @@ class BrgemmBackwardGemms {
                                 bf16(kp_ + j0 / 2 * d_ld_), dq);
   }
   void finish_head() {
-    const int64_t D = p_.dim;
-    const float scale = float(p_.scale);
-    for (int64_t j = 0; j < p_.kv_len; ++j) {
-      BF16* gk = grad_k_.at(b_, kv_head_, j);
-      BF16* gv = grad_v_.at(b_, kv_head_, j);
-      for (int64_t d = 0; d < D; ++d) {
-        gk[d] = BF16(scale * dkt_[d * tk_ld_ + j]);
-        gv[d] = BF16(dvt_[d * tk_ld_ + j]);
-      }
-    }
+    store_transposed(dkt_, p_.dim, p_.kv_len, tk_ld_, float(p_.scale), grad_k_.at(b_, kv_head_, 0), grad_k_.t);
+    store_transposed(dvt_, p_.dim, p_.kv_len, tk_ld_, 1.f, grad_v_.at(b_, kv_head_, 0), grad_v_.t);
   }
 
  private:

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "cpu/cpu_features.h"
 
@@ -215,6 +216,52 @@ inline __m256i load_bf16(const float* p, __mmask16 m) {
 }
 inline __m256i load_bf16(const c10::BFloat16* p, __mmask16 m) { return _mm256_maskz_loadu_epi16(m, p); }
 
+// r[i] holds row i of a 16 x 16 block of 32-bit words; afterwards r[c] holds
+// column c: pairs of rows interleaved, then 64-bit halves, then 128-bit lanes.
+inline void transpose_16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c], lane k: column 4k + c of rows g..g+3
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
+// Calls store(j0 + c, i0, rows in block, column c of the block) for every
+// 16 x 16 block of a (rows x cols) matrix of 32-bit words, row i at
+// src + i * ld_bytes (any alignment): the block transposed in registers.
+template <typename Store>
+void for_each_transposed_block(const void* src, int64_t rows, int64_t cols, int64_t ld_bytes, const Store& store) {
+  const auto* base = static_cast<const char*>(src);
+  __m512i r[16];
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int64_t ni = std::min<int64_t>(16, rows - i0);
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int64_t nj = std::min<int64_t>(16, cols - j0);
+      const __mmask16 mj = first_lanes(nj);
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < ni ? _mm512_maskz_loadu_epi32(mj, base + (i0 + i) * ld_bytes + j0 * 4) : _mm512_setzero_si512();
+      }
+      transpose_16x16(r);
+      for (int c = 0; c < nj; ++c) store(j0 + c, i0, ni, r[c]);
+    }
+  }
+}
+
 template <typename T>
 void pack_row_pairs_impl(const T* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst, int64_t ld_dst) {
   for (int64_t p = 0; p < pairs_of(rows); ++p) {
@@ -261,18 +308,19 @@ void pack_row_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_
 
 void pack_transposed_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
                            int64_t ld_dst) {
-  // Once per head of K or V: a plain loop is cheap next to the GEMMs that
-  // read the result T / block times.
-  const auto bits = [](c10::BFloat16 x) { return uint32_t(x.x); };
-  for (int64_t p = 0; p < pairs_of(cols); ++p) {
-    uint32_t* out = dst + p * ld_dst;
-    const bool has_hi = 2 * p + 1 < cols;
-    for (int64_t j = 0; j < rows; ++j) {
-      const c10::BFloat16* s = src + j * ld + 2 * p;
-      out[j] = bits(s[0]) | (has_hi ? bits(s[1]) << 16 : 0u);
-    }
-    std::fill(out + rows, out + ld_dst, 0u);
+  // Once per head of K or V: word (p, j) is the pair at src[j][2p], so this is
+  // src's rows read as words, transposed. A last odd column is read alone:
+  // its pair would reach past the row.
+  const int64_t whole = cols / 2;
+  for_each_transposed_block(src, rows, whole, ld * int64_t(sizeof(c10::BFloat16)),
+                            [&](int64_t p, int64_t j0, int64_t n, __m512i words) {
+                              _mm512_mask_storeu_epi32(dst + p * ld_dst + j0, first_lanes(n), words);
+                            });
+  if (cols % 2) {
+    uint32_t* out = dst + whole * ld_dst;
+    for (int64_t j = 0; j < rows; ++j) out[j] = uint32_t(src[j * ld + cols - 1].x);
   }
+  for (int64_t p = 0; p < pairs_of(cols); ++p) std::fill(dst + p * ld_dst + rows, dst + (p + 1) * ld_dst, 0u);
 }
 
 void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst, int64_t ld_dst,
@@ -289,12 +337,34 @@ void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10:
 
 void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
                     int64_t ld_dst) {
-  // Per block of query rows, next to GEMMs that read the result once per key block.
-  for (int64_t d = 0; d < cols; ++d) {
-    c10::BFloat16* out = dst + d * ld_dst;
-    for (int64_t i = 0; i < rows; ++i) out[i] = src[i * ld + d];
-    std::fill(out + rows, out + ld_dst, c10::BFloat16(0.f));
+  // Per block of query rows: src's rows read as words (column pairs),
+  // transposed, each word column split into output rows 2p (low halves) and
+  // 2p + 1. A last odd column is read alone.
+  const int64_t whole = cols / 2;
+  for_each_transposed_block(src, rows, whole, ld * int64_t(sizeof(c10::BFloat16)),
+                            [&](int64_t p, int64_t i0, int64_t n, __m512i words) {
+                              c10::BFloat16* lo = dst + 2 * p * ld_dst + i0;
+                              _mm256_mask_storeu_epi16(lo, first_lanes(n), _mm512_cvtepi32_epi16(words));
+                              _mm256_mask_storeu_epi16(lo + ld_dst, first_lanes(n),
+                                                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
+                            });
+  if (cols % 2) {
+    for (int64_t i = 0; i < rows; ++i) dst[(cols - 1) * ld_dst + i] = src[i * ld + cols - 1];
   }
+  for (int64_t d = 0; d < cols; ++d) std::fill(dst + d * ld_dst + rows, dst + (d + 1) * ld_dst, c10::BFloat16(0.f));
+}
+
+void store_transposed(const float* src, int64_t rows, int64_t cols, int64_t ld, float scale, c10::BFloat16* dst,
+                      int64_t ld_dst) {
+  // Once per kv head: 16 x 16 blocks transposed in registers, each column
+  // (16 of src's rows) rounded to bf16 and stored as part of a row of dst.
+  const __m512 s = _mm512_set1_ps(scale);
+  for_each_transposed_block(src, rows, cols, ld * int64_t(sizeof(float)),
+                            [&](int64_t j, int64_t d0, int64_t n, __m512i column) {
+                              const __m512 v = _mm512_mul_ps(s, _mm512_castsi512_ps(column));
+                              _mm256_mask_storeu_epi16(dst + j * ld_dst + d0, first_lanes(n),
+                                                       (__m256i)_mm512_cvtneps_pbh(v));
+                            });
 }
 
 #pragma GCC pop_options
@@ -324,6 +394,9 @@ void convert_rows(const float*, int64_t, int64_t, int64_t, c10::BFloat16*, int64
 }
 void transpose_rows(const c10::BFloat16*, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t) {
   TORCH_CHECK(false, "transpose_rows: not compiled for this CPU");
+}
+void store_transposed(const float*, int64_t, int64_t, int64_t, float, c10::BFloat16*, int64_t) {
+  TORCH_CHECK(false, "store_transposed: not compiled for this CPU");
 }
 #endif
 

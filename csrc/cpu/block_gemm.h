@@ -83,4 +83,9 @@ void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10:
 void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
                     int64_t ld_dst);
 
+// dst[j * ld_dst + d] = bf16(scale * src[d * ld + j]): an fp32 (rows x cols)
+// block stored transposed into bf16 rows.
+void store_transposed(const float* src, int64_t rows, int64_t cols, int64_t ld, float scale, c10::BFloat16* dst,
+                      int64_t ld_dst);
+
 }  // namespace fasttx
