@@ -202,6 +202,28 @@ void zero_rows(A* rows, int64_t n, int64_t dim, int64_t ld) {
   for (int64_t r = 0; r < n; ++r) std::fill(rows + r * ld, rows + r * ld + dim, A(0));
 }
 
+// Where a task sums dK and dV of one kv head, zeroed: in `local` (two Tk x D
+// blocks) when they are summed apart (see accumulate_apart), else in the
+// gradient rows themselves, which then hold the opmath type A.
+template <typename A, typename T>
+void start_head_grads(A* local, Rows<T> grad_k, Rows<T> grad_v, int64_t b, int64_t kv_head, int64_t Tk, int64_t D,
+                      A*& dk, A*& dv, int64_t& dk_ld, int64_t& dv_ld) {
+  if (local) {
+    dk = local;
+    dv = local + Tk * D;
+    dk_ld = dv_ld = D;
+  } else if constexpr (std::is_same_v<T, A>) {
+    dk = grad_k.at(b, kv_head, 0);
+    dv = grad_v.at(b, kv_head, 0);
+    dk_ld = grad_k.t;
+    dv_ld = grad_v.t;
+  } else {
+    TORCH_CHECK(false, "attention: ", c10::CppTypeToScalarType<T>::value, " gradients are summed apart");
+  }
+  zero_rows(dk, Tk, D, dk_ld);
+  zero_rows(dv, Tk, D, dv_ld);
+}
+
 // Rounds n rows of dim opmath values (dim apart) into rows of T at dst's strides.
 template <typename T, typename A>
 void store_rows(const A* src, int64_t n, int64_t dim, T* dst, int64_t ld) {
@@ -362,64 +384,32 @@ Bf16PackedKv pack_kv_bf16(const Problem& p, Rows<const c10::BFloat16> k, Rows<co
   return packed;
 }
 
-// The forward's GEMMs with bf16 operands and fp32 accumulation: Q as it is,
-// K and V pre-packed, P rounded to bf16 before P V (as FlashAttention does on
-// GPUs).
+// The forward's GEMMs with bf16 operands and fp32 sums: Q as it is, K^T and
+// V pre-packed by pack_kv_bf16, P rounded to bf16 before P V (as
+// FlashAttention does on GPUs). Two engines:
+//   - kBlock, bf16_block_gemm (cpu/block_gemm.h): Q's rows read as pairs in
+//     place (ld and address even, see pairs_readable);
+//   - kBrgemm, oneDNN's brgemm (at::native::cpublas; AMX tiles where the CPU
+//     has them): the pairs layout is its VNNI layout for B. It has no alpha,
+//     so the softmax pass applies the scale (score_scale). Its reduction
+//     length must be even (an odd one raised SIGILL in oneDNN 3.x): odd key
+//     counts run one more key, whose P and V entries are 0.
+enum class Bf16Engine { kBlock, kBrgemm };
+
+template <Bf16Engine kEngine>
 class Bf16ForwardGemms {
  public:
-  // The GEMM applies the scale to S itself.
-  static constexpr double score_scale() { return 1; }
-  using A = float;
+  using BF16 = c10::BFloat16;
+  static constexpr bool kBrgemm = kEngine == Bf16Engine::kBrgemm;
   Bf16ForwardGemms(const Problem& p, const Blocks& blk, const Bf16PackedKv& kv) : p_(p), kv_(kv) {
     p_ld_ = 2 * pairs_of(blk.kv);
     probs_ = at::empty({blk.q * p_ld_}, at::kBFloat16);
   }
-  // Q's rows are read as pairs in place: ld and the rows' address are even (see pairs_readable).
-  void set_rows(const c10::BFloat16* q_rows, int64_t ld, int64_t nq, int64_t b, int64_t kv_head) {
-    q_rows_ = reinterpret_cast<const uint32_t*>(q_rows);
-    q_ld_ = ld / 2;
-    nq_ = nq;
-    kv_head_ = b * p_.kv_heads + kv_head;
+  Bf16ForwardGemms(const Bf16ForwardGemms&) = delete;
+  ~Bf16ForwardGemms() {
+    if constexpr (kBrgemm) at::native::cpublas::brgemm_release();
   }
-  void scores(int64_t j0, int64_t nk, float* s) {
-    const auto* kt = static_cast<const uint32_t*>(kv_.kt.data_ptr()) + kv_head_ * kv_.kt_head + j0;
-    bf16_block_gemm(nq_, nk, p_.dim / 2, float(p_.scale), q_rows_, q_ld_, 1, kt, kv_.kt_ld, false, s, nk);
-  }
-  void add_probs_times_v(const float* probs, int64_t j0, int64_t nk, float* acc) {
-    auto* pb = probs_.data_ptr<c10::BFloat16>();
-    convert_rows(probs, nq_, nk, nk, pb, p_ld_);
-    // j0 is a multiple of the (even) key block: a whole pair index.
-    const auto* vp = static_cast<const uint32_t*>(kv_.v.data_ptr()) + kv_head_ * kv_.v_head + j0 / 2 * kv_.v_ld;
-    bf16_block_gemm(nq_, p_.dim, pairs_of(nk), 1.f, reinterpret_cast<const uint32_t*>(pb), p_ld_ / 2, 1, vp, kv_.v_ld,
-              true, acc, p_.dim);
-  }
-
- private:
-  const Problem& p_;
-  const Bf16PackedKv& kv_;
-  at::Tensor probs_;
-  int64_t p_ld_;
-  const uint32_t* q_rows_ = nullptr;
-  int64_t q_ld_ = 0, nq_ = 0, kv_head_ = 0;
-};
-
-// The forward's GEMMs on oneDNN's brgemm (at::native::cpublas; AMX tiles
-// where the CPU has them): bf16 operands, fp32 sums. Q is read in place, K^T
-// and V are pack_kv_bf16's (its pairs layout is brgemm's VNNI layout for B),
-// P is rounded to bf16 before P V. brgemm has no alpha, so the softmax pass
-// applies the scale (score_scale). Its reduction length must be even (an odd
-// one raised SIGILL in oneDNN 3.x): odd key counts run one more key, whose
-// P and V entries are 0.
-class BrgemmForwardGemms {
- public:
-  using BF16 = c10::BFloat16;
-  BrgemmForwardGemms(const Problem& p, const Blocks& blk, const Bf16PackedKv& kv) : p_(p), kv_(kv) {
-    p_ld_ = 2 * pairs_of(blk.kv);
-    probs_ = at::empty({blk.q * p_ld_}, at::kBFloat16);
-  }
-  BrgemmForwardGemms(const BrgemmForwardGemms&) = delete;
-  ~BrgemmForwardGemms() { at::native::cpublas::brgemm_release(); }
-  double score_scale() const { return p_.scale; }
+  double score_scale() const { return kBrgemm ? p_.scale : 1.0; }
   void set_rows(const BF16* q_rows, int64_t ld, int64_t nq, int64_t b, int64_t kv_head) {
     q_rows_ = q_rows;
     q_ld_ = ld;
@@ -428,16 +418,26 @@ class BrgemmForwardGemms {
   }
   void scores(int64_t j0, int64_t nk, float* s) {
     const auto* kt = static_cast<const uint32_t*>(kv_.kt.data_ptr()) + kv_head_ * kv_.kt_head + j0;
-    at::native::cpublas::brgemm(nq_, nk, p_.dim, q_ld_, kv_.kt_ld, nk, false, q_rows_,
-                                reinterpret_cast<const BF16*>(kt), s);
+    if constexpr (kBrgemm) {
+      at::native::cpublas::brgemm(nq_, nk, p_.dim, q_ld_, kv_.kt_ld, nk, false, q_rows_,
+                                  reinterpret_cast<const BF16*>(kt), s);
+    } else {
+      bf16_block_gemm(nq_, nk, p_.dim / 2, float(p_.scale), reinterpret_cast<const uint32_t*>(q_rows_), q_ld_ / 2, 1,
+                      kt, kv_.kt_ld, false, s, nk);
+    }
   }
   void add_probs_times_v(const float* probs, int64_t j0, int64_t nk, float* acc) {
     auto* pb = probs_.data_ptr<BF16>();
     convert_rows(probs, nq_, nk, nk, pb, p_ld_);
     // j0 is a multiple of the (even) key block: a whole pair index.
     const auto* vp = static_cast<const uint32_t*>(kv_.v.data_ptr()) + kv_head_ * kv_.v_head + j0 / 2 * kv_.v_ld;
-    at::native::cpublas::brgemm(nq_, p_.dim, 2 * pairs_of(nk), p_ld_, kv_.v_ld, p_.dim, true, pb,
-                                reinterpret_cast<const BF16*>(vp), acc);
+    if constexpr (kBrgemm) {
+      at::native::cpublas::brgemm(nq_, p_.dim, 2 * pairs_of(nk), p_ld_, kv_.v_ld, p_.dim, true, pb,
+                                  reinterpret_cast<const BF16*>(vp), acc);
+    } else {
+      bf16_block_gemm(nq_, p_.dim, pairs_of(nk), 1.f, reinterpret_cast<const uint32_t*>(pb), p_ld_ / 2, 1, vp,
+                      kv_.v_ld, true, acc, p_.dim);
+    }
   }
 
  private:
@@ -452,7 +452,7 @@ class BrgemmForwardGemms {
 // bf16 inputs take bf16_block_gemm where the machine has it. Q's rows are read as
 // pairs in place, so D must be even; odd D takes the fp32 path.
 // bf16 takes brgemm where ATen runs it natively; its reductions over D must
-// be even (see BrgemmForwardGemms), so odd D takes the BLAS path.
+// be even (see Bf16ForwardGemms), so odd D takes the BLAS path.
 bool use_bf16_brgemm(const Problem& p, at::ScalarType dtype) {
   return dtype == at::kBFloat16 && p.dim % 2 == 0 && bf16_brgemm_available();
 }
@@ -548,18 +548,8 @@ class BlasBackwardGemms {
     A* base = data<A>(head_t_);
     std::tie(k_head_, k_ld_) = rows_as_opmath(k_.at(b, kv_head, 0), Tk, D, k_.t, base);
     std::tie(v_head_, v_ld_) = rows_as_opmath(v_.at(b, kv_head, 0), Tk, D, v_.t, base + (kConvert ? Tk * D : 0));
-    if (local_) {
-      dk_ = base + (kConvert ? 2 * Tk * D : 0);
-      dv_ = dk_ + Tk * D;
-      dk_ld_ = dv_ld_ = D;
-    } else if constexpr (!kConvert) {  // T is A
-      dk_ = grad_k_.at(b, kv_head, 0);
-      dv_ = grad_v_.at(b, kv_head, 0);
-      dk_ld_ = grad_k_.t;
-      dv_ld_ = grad_v_.t;
-    }
-    zero_rows(dk_, Tk, D, dk_ld_);
-    zero_rows(dv_, Tk, D, dv_ld_);
+    start_head_grads(local_ ? base + (kConvert ? 2 * Tk * D : 0) : nullptr, grad_k_, grad_v_, b, kv_head, Tk, D,
+                     dk_, dv_, dk_ld_, dv_ld_);
   }
   void set_rows(const T* q_rows, int64_t q_ld, const T* do_rows, int64_t do_ld, int64_t nq) {
     A* buf = data<A>(rows_t_);
@@ -597,6 +587,16 @@ class BlasBackwardGemms {
   A *dk_ = nullptr, *dv_ = nullptr;
 };
 
+// One kv head packed for the bf16 backward GEMMs: K^T and V^T as pairs (B of
+// S = Q K^T and dP = dO V^T), K as row pairs (B of dQ = dS K).
+void pack_head_pairs(const Problem& p, Rows<const c10::BFloat16> k, Rows<const c10::BFloat16> v, int64_t b,
+                     int64_t kv_head, uint32_t* kt, uint32_t* vt, uint32_t* kp, int64_t tk_ld, int64_t d_ld) {
+  const c10::BFloat16 *k_head = k.at(b, kv_head, 0), *v_head = v.at(b, kv_head, 0);
+  pack_transposed_pairs(k_head, p.kv_len, p.dim, k.t, kt, tk_ld);
+  pack_transposed_pairs(v_head, p.kv_len, p.dim, v.t, vt, tk_ld);
+  pack_row_pairs(k_head, p.kv_len, p.dim, k.t, kp, d_ld);
+}
+
 // The same GEMMs with bf16 operands and fp32 accumulation (cpu/block_gemm.h).
 // Per kv head: K^T, V^T and K packed once. Per query block: Q and dO packed
 // for the GEMMs that reduce over query rows. Per key block: P and dS rounded
@@ -633,14 +633,10 @@ class Bf16BackwardGemms {
     dv_ = dk_ + Tk * D;
   }
   void set_head(int64_t b, int64_t kv_head) {
-    const int64_t D = p_.dim, Tk = p_.kv_len;
     b_ = b;
     kv_head_ = kv_head;
-    const BF16 *k = k_.at(b, kv_head, 0), *v = v_.at(b, kv_head, 0);
-    pack_transposed_pairs(k, Tk, D, k_.t, kt_, tk_ld_);
-    pack_transposed_pairs(v, Tk, D, v_.t, vt_, tk_ld_);
-    pack_row_pairs(k, Tk, D, k_.t, kp_, d_ld_);
-    std::fill(dk_, dk_ + 2 * Tk * D, 0.f);
+    pack_head_pairs(p_, k_, v_, b, kv_head, kt_, vt_, kp_, tk_ld_, d_ld_);
+    std::fill(dk_, dk_ + grads_t_.numel(), 0.f);  // dK and dV
   }
   // Q's and dO's rows are read as pairs in place: their ld and address are even (see pairs_readable).
   void set_rows(const BF16* q_rows, int64_t q_ld, const BF16* do_rows, int64_t do_ld, int64_t nq) {
@@ -686,7 +682,7 @@ class Bf16BackwardGemms {
   float *dk_, *dv_;
 };
 
-// The backward's GEMMs on brgemm (see BrgemmForwardGemms). brgemm reads A
+// The backward's GEMMs on brgemm (see Bf16ForwardGemms). brgemm reads A
 // row-major only, so the two products that reduce over query rows are taken
 // transposed: dV^T += dO^T P and dK^T += Q^T dS, with Q^T and dO^T made once
 // per query block, P and dS packed as pairs of rows (B), and dK^T, dV^T of
@@ -727,14 +723,10 @@ class BrgemmBackwardGemms {
   ~BrgemmBackwardGemms() { at::native::cpublas::brgemm_release(); }
   double score_scale() const { return p_.scale; }
   void set_head(int64_t b, int64_t kv_head) {
-    const int64_t D = p_.dim, Tk = p_.kv_len;
     b_ = b;
     kv_head_ = kv_head;
-    const BF16 *k = k_.at(b, kv_head, 0), *v = v_.at(b, kv_head, 0);
-    pack_transposed_pairs(k, Tk, D, k_.t, kt_, tk_ld_);
-    pack_transposed_pairs(v, Tk, D, v_.t, vt_, tk_ld_);
-    pack_row_pairs(k, Tk, D, k_.t, kp_, d_ld_);
-    std::fill(dkt_, dkt_ + 2 * D * tk_ld_, 0.f);
+    pack_head_pairs(p_, k_, v_, b, kv_head, kt_, vt_, kp_, tk_ld_, d_ld_);
+    std::fill(dkt_, dkt_ + grads_t_.numel(), 0.f);  // dK^T and dV^T
   }
   void set_rows(const BF16* q_rows, int64_t q_ld, const BF16* do_rows, int64_t do_ld, int64_t nq) {
     q_rows_ = q_rows;
@@ -801,18 +793,8 @@ class Fp32BackwardGemms {
     pack_transposed(v_.at(b, kv_head, 0), Tk, D, v_.t, vt_, tk_ld_);
     b_ = b;
     kv_head_ = kv_head;
-    if (local_) {
-      dk_ = vt_ + D * tk_ld_;
-      dv_ = dk_ + Tk * D;
-      dk_ld_ = dv_ld_ = D;
-    } else {
-      dk_ = grad_k_.at(b, kv_head, 0);
-      dv_ = grad_v_.at(b, kv_head, 0);
-      dk_ld_ = grad_k_.t;
-      dv_ld_ = grad_v_.t;
-    }
-    zero_rows(dk_, Tk, D, dk_ld_);
-    zero_rows(dv_, Tk, D, dv_ld_);
+    start_head_grads(local_ ? vt_ + D * tk_ld_ : nullptr, grad_k_, grad_v_, b, kv_head, Tk, D, dk_, dv_, dk_ld_,
+                     dv_ld_);
   }
   void set_rows(const float* q_rows, int64_t q_ld, const float* do_rows, int64_t do_ld, int64_t nq) {
     q_rows_ = q_rows;
@@ -1062,21 +1044,17 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   auto out = empty_output_like(q_in);
   auto lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const Blocks blk = forward_blocks(p);
-  if (use_bf16_brgemm(p, q.scalar_type())) {
+  const bool brgemm = use_bf16_brgemm(p, q.scalar_type());
+  if (brgemm || use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
+    if (!brgemm) q = with_pair_rows(q);  // the block GEMMs read Q's rows as pairs in place
     const Bf16PackedKv kv = pack_kv_bf16(p, rows_of<const BF16>(k), rows_of<const BF16>(v));
-    attention_forward_kernel<BF16>(
-        p, blk, [&] { return BrgemmForwardGemms(p, blk, kv); }, rows_of<const BF16>(q),
-        mask ? mask->data_ptr<float>() : nullptr, rows_of<BF16>(out), data<float>(lse));
-    return {out, lse};
-  }
-  if (use_bf16_block_gemm(p, q.scalar_type())) {
-    using BF16 = c10::BFloat16;
-    q = with_pair_rows(q);
-    const Bf16PackedKv kv = pack_kv_bf16(p, rows_of<const BF16>(k), rows_of<const BF16>(v));
-    attention_forward_kernel<BF16>(
-        p, blk, [&] { return Bf16ForwardGemms(p, blk, kv); }, rows_of<const BF16>(q),
-        mask ? mask->data_ptr<float>() : nullptr, rows_of<BF16>(out), data<float>(lse));
+    const auto run = [&](const auto& make_gemms) {
+      attention_forward_kernel<BF16>(p, blk, make_gemms, rows_of<const BF16>(q),
+                                     mask ? mask->data_ptr<float>() : nullptr, rows_of<BF16>(out), data<float>(lse));
+    };
+    if (brgemm) run([&] { return Bf16ForwardGemms<Bf16Engine::kBrgemm>(p, blk, kv); });
+    else run([&] { return Bf16ForwardGemms<Bf16Engine::kBlock>(p, blk, kv); });
     return {out, lse};
   }
   if (q.scalar_type() == at::kFloat && block_gemm_available()) {
@@ -1114,26 +1092,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               p.q_len, "), got ", lse.scalar_type(), " ", lse.sizes());
   auto [grad_q, grad_k, grad_v] = empty_grads_like(q_in, k_in, v_in);
   const Blocks blk = backward_blocks(p);
-  if (use_bf16_brgemm(p, q.scalar_type())) {
+  const bool brgemm = use_bf16_brgemm(p, q.scalar_type());
+  if (brgemm || use_bf16_block_gemm(p, q.scalar_type())) {
     using BF16 = c10::BFloat16;
+    if (!brgemm) {  // the block GEMMs read Q's and dO's rows as pairs in place
+      q = with_pair_rows(q);
+      grad_out = with_pair_rows(grad_out);
+    }
     const auto gk = rows_of<BF16>(grad_k), gv = rows_of<BF16>(grad_v);
     const auto k_rows = rows_of<const BF16>(k), v_rows = rows_of<const BF16>(v);
-    attention_backward_kernel<BF16>(
-        p, blk, [&] { return BrgemmBackwardGemms(p, blk, k_rows, v_rows, gk, gv); }, rows_of<const BF16>(grad_out),
-        rows_of<const BF16>(q), rows_of<const BF16>(out), data<float>(lse), mask ? mask->data_ptr<float>() : nullptr,
-        rows_of<BF16>(grad_q));
-    return {grad_q, grad_k, grad_v};
-  }
-  if (use_bf16_block_gemm(p, q.scalar_type())) {
-    using BF16 = c10::BFloat16;
-    q = with_pair_rows(q);
-    grad_out = with_pair_rows(grad_out);
-    const auto gk = rows_of<BF16>(grad_k), gv = rows_of<BF16>(grad_v);
-    const auto k_rows = rows_of<const BF16>(k), v_rows = rows_of<const BF16>(v);
-    attention_backward_kernel<BF16>(
-        p, blk, [&] { return Bf16BackwardGemms(p, blk, k_rows, v_rows, gk, gv); }, rows_of<const BF16>(grad_out),
-        rows_of<const BF16>(q), rows_of<const BF16>(out), data<float>(lse), mask ? mask->data_ptr<float>() : nullptr,
-        rows_of<BF16>(grad_q));
+    const auto run = [&](const auto& make_gemms) {
+      attention_backward_kernel<BF16>(p, blk, make_gemms, rows_of<const BF16>(grad_out), rows_of<const BF16>(q),
+                                      rows_of<const BF16>(out), data<float>(lse),
+                                      mask ? mask->data_ptr<float>() : nullptr, rows_of<BF16>(grad_q));
+    };
+    if (brgemm) run([&] { return BrgemmBackwardGemms(p, blk, k_rows, v_rows, gk, gv); });
+    else run([&] { return Bf16BackwardGemms(p, blk, k_rows, v_rows, gk, gv); });
     return {grad_q, grad_k, grad_v};
   }
   if (q.scalar_type() == at::kFloat && block_gemm_available()) {
