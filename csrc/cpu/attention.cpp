@@ -449,14 +449,14 @@ class Bf16ForwardGemms {
   int64_t q_ld_ = 0, nq_ = 0, kv_head_ = 0;
 };
 
-// bf16 inputs take bf16_block_gemm where the machine has it. Q's rows are read as
-// pairs in place, so D must be even; odd D takes the fp32 path.
 // bf16 takes brgemm where ATen runs it natively; its reductions over D must
 // be even (see Bf16ForwardGemms), so odd D takes the BLAS path.
 bool use_bf16_brgemm(const Problem& p, at::ScalarType dtype) {
   return dtype == at::kBFloat16 && p.dim % 2 == 0 && bf16_brgemm_available();
 }
 
+// Else bf16 takes bf16_block_gemm where the machine has it. Q's rows are read
+// as pairs in place, so D must be even; odd D takes the fp32 path.
 bool use_bf16_block_gemm(const Problem& p, at::ScalarType dtype) {
   return dtype == at::kBFloat16 && p.dim % 2 == 0 && bf16_block_gemm_available();
 }

@@ -218,6 +218,12 @@ inline __m256i load_bf16(const c10::BFloat16* p, __mmask16 m) { return _mm256_ma
 
 // r[i] holds row i of a 16 x 16 block of 32-bit words; afterwards r[c] holds
 // column c: pairs of rows interleaved, then 64-bit halves, then 128-bit lanes.
+// GCC 12's unpack, shift and narrowing intrinsics pass an
+// _mm512_undefined_epi32() through, which it reports as maybe uninitialized
+// wherever they inline (down to the end of this file's AVX-512 region);
+// every lane used here is defined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 inline void transpose_16x16(__m512i r[16]) {
   __m512i t[16], u[16];
   for (int i = 0; i < 16; i += 2) {
@@ -309,18 +315,13 @@ void pack_row_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_
 void pack_transposed_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
                            int64_t ld_dst) {
   // Once per head of K or V: word (p, j) is the pair at src[j][2p], so this is
-  // src's rows read as words, transposed. A last odd column is read alone:
-  // its pair would reach past the row.
-  const int64_t whole = cols / 2;
-  for_each_transposed_block(src, rows, whole, ld * int64_t(sizeof(c10::BFloat16)),
+  // src's rows read as words, transposed.
+  TORCH_CHECK(cols % 2 == 0, "pack_transposed_pairs: cols must be even, got ", cols);
+  for_each_transposed_block(src, rows, cols / 2, ld * int64_t(sizeof(c10::BFloat16)),
                             [&](int64_t p, int64_t j0, int64_t n, __m512i words) {
                               _mm512_mask_storeu_epi32(dst + p * ld_dst + j0, first_lanes(n), words);
                             });
-  if (cols % 2) {
-    uint32_t* out = dst + whole * ld_dst;
-    for (int64_t j = 0; j < rows; ++j) out[j] = uint32_t(src[j * ld + cols - 1].x);
-  }
-  for (int64_t p = 0; p < pairs_of(cols); ++p) std::fill(dst + p * ld_dst + rows, dst + (p + 1) * ld_dst, 0u);
+  for (int64_t p = 0; p < cols / 2; ++p) std::fill(dst + p * ld_dst + rows, dst + (p + 1) * ld_dst, 0u);
 }
 
 void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst, int64_t ld_dst,
@@ -339,18 +340,15 @@ void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_
                     int64_t ld_dst) {
   // Per block of query rows: src's rows read as words (column pairs),
   // transposed, each word column split into output rows 2p (low halves) and
-  // 2p + 1. A last odd column is read alone.
-  const int64_t whole = cols / 2;
-  for_each_transposed_block(src, rows, whole, ld * int64_t(sizeof(c10::BFloat16)),
+  // 2p + 1.
+  TORCH_CHECK(cols % 2 == 0, "transpose_rows: cols must be even, got ", cols);
+  for_each_transposed_block(src, rows, cols / 2, ld * int64_t(sizeof(c10::BFloat16)),
                             [&](int64_t p, int64_t i0, int64_t n, __m512i words) {
                               c10::BFloat16* lo = dst + 2 * p * ld_dst + i0;
                               _mm256_mask_storeu_epi16(lo, first_lanes(n), _mm512_cvtepi32_epi16(words));
                               _mm256_mask_storeu_epi16(lo + ld_dst, first_lanes(n),
                                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
                             });
-  if (cols % 2) {
-    for (int64_t i = 0; i < rows; ++i) dst[(cols - 1) * ld_dst + i] = src[i * ld + cols - 1];
-  }
   for (int64_t d = 0; d < cols; ++d) std::fill(dst + d * ld_dst + rows, dst + (d + 1) * ld_dst, c10::BFloat16(0.f));
 }
 
@@ -367,6 +365,7 @@ void store_transposed(const float* src, int64_t rows, int64_t cols, int64_t ld, 
                             });
 }
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #else
 void block_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*, int64_t, bool, float*,

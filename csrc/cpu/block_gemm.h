@@ -68,8 +68,8 @@ void pack_row_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_
                     int64_t ld_dst);
 
 // The row pairs of src's transpose, for a B = src^T: dst[p * ld_dst + j] =
-// (src[j][2p], src[j][2p + 1]) for p < pairs_of(cols), j < ld_dst, 0 past the
-// ends.
+// (src[j][2p], src[j][2p + 1]) for p < cols / 2, j < ld_dst, 0 past the rows.
+// cols must be even (the bf16 attention paths serve even head dims only).
 void pack_transposed_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst,
                            int64_t ld_dst);
 
@@ -78,8 +78,8 @@ void pack_transposed_pairs(const c10::BFloat16* src, int64_t rows, int64_t cols,
 void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst, int64_t ld_dst,
                   float scale = 1.f);
 
-// dst[d * ld_dst + i] = src[i * ld + d]: a bf16 (rows x cols) block transposed,
-// zero-padded to ld_dst (>= rows) columns.
+// dst[d * ld_dst + i] = src[i * ld + d]: a bf16 (rows x cols) block, cols
+// even, transposed, zero-padded to ld_dst (>= rows) columns.
 void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
                     int64_t ld_dst);
 

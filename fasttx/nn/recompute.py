@@ -143,8 +143,8 @@ def remember(t: Tensor, rebuild: Callable[[], Tensor], *inputs: Tensor) -> Tenso
 def autocast_operand(t: Optional[Tensor]) -> Optional[Tensor]:
     """t as autocast hands it to a linear or an attention (its lower-precision dtype; float64, non-floating
     and None pass through), and outside autocast t itself. The cast is made here, not inside the op, so
-    that inside ``recomputed_activations()`` it is rebuilt in backward instead of kept: a leaf's (a
-    weight's) from the leaf, a remembered activation's from its recipe. Other tensors are only cast."""
+    that inside ``recomputed_activations()`` it is rebuilt in backward instead of kept: a parameter's
+    from the parameter, a remembered activation's from its recipe. Other tensors are only cast."""
     if t is None or not t.is_floating_point() or t.dtype == torch.float64 \
             or not torch.is_autocast_enabled(t.device.type):
         return t
@@ -159,6 +159,6 @@ def autocast_operand(t: Optional[Tensor]) -> Optional[Tensor]:
     if found is not None:
         rebuild, inputs = found
         return recipes.remember(cast, lambda: rebuild().to(dtype), inputs)
-    if t.is_leaf:
+    if isinstance(t, torch.nn.Parameter):
         return recipes.remember(cast, lambda: t.to(dtype), (t,))
     return cast
