@@ -17,7 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_bwd_cpu", &fasttx::bias_gelu_bwd_cpu, "bias_gelu backward, CPU");
   m.def("layer_norm_fwd_cpu", &fasttx::layer_norm_fwd_cpu, "layer/rms/add-layer norm forward, CPU");
   m.def("layer_norm_bwd_cpu", &fasttx::layer_norm_bwd_cpu, "layer/rms/add-layer norm backward, CPU");
-  m.def("norm_eager_cpu", &fasttx::norm_eager_cpu, "the norm family with autograd, plain eager CPU calls only");
+  m.def("norm_eager_cpu", &fasttx::norm_eager_cpu, "the norm family with autograd, plain eager CPU calls only",
+        py::arg("x"), py::arg("residual"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"), py::arg("rms"), py::arg("out_dtype") = py::none());
   m.def("gelu_ffn_fwd_cpu", &fasttx::gelu_ffn_fwd_cpu, "act(x w1^T + b1) w2^T + b2, CPU");
   m.def("gelu_ffn_bwd_cpu", &fasttx::gelu_ffn_bwd_cpu, "gelu_ffn backward, CPU");
   m.def("attention_fwd_cpu", &fasttx::attention_fwd_cpu, "flash attention forward, CPU");

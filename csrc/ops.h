@@ -45,14 +45,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& s,
     const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool rms);
+// The same, mixed precision (used by the eager fast path): a bfloat16/half x
+// may be added to a float32 residual, which then sets the statistics' dtype
+// (s's and the parameters'), and y is stored in y_dtype (default: that dtype),
+// rounded once. The backward reads a narrower grad_y beside float32 s and, with
+// low_grad_dtype, also returns grad_input rounded to it (the grad of such an x),
+// as a fourth output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool rms, std::optional<at::ScalarType> y_dtype);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& s,
+    const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    bool has_bias, bool rms, std::optional<at::ScalarType> low_grad_dtype);
 // The eager fast path (cpu/layer_norm_eager.cpp): layer_norm / add_layer_norm /
 // rms_norm of x (any rank, normalized over its trailing normalized_shape) with
-// autograd, as (y, s or undefined). Returns nothing unless the input is the
-// plain case: CPU tensors of one float dtype, not empty, shapes that match, no
-// tracing mode or autocast; the caller's Python path serves everything else.
+// autograd, as (y, s or undefined), y in out_dtype when given (as
+// y.to(out_dtype), rounded once). Returns nothing unless the input is the
+// plain case: CPU tensors of one float dtype once autocast's casts are made
+// (or a bf16/half x beside a float32 residual under autocast), not empty,
+// shapes that match, no tracing mode; the caller's Python path serves
+// everything else.
 std::optional<std::tuple<at::Tensor, at::Tensor>> norm_eager_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms);
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms,
+    std::optional<at::ScalarType> out_dtype);
 
 // gelu_ffn: out = act(x @ w1^T + b1) @ w2^T + b2, nn.Linear's layout:
 // x (M, D), w1 (H, D), b1 (H,), w2 (D2, H), b2 (D2,), all contiguous, one dtype.

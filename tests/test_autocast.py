@@ -56,3 +56,52 @@ def test_autocast_dtypes_values_and_gradients(backend, name, make, ours, theirs)
 def test_outside_autocast_mismatched_dtypes_still_raise():
     with pytest.raises(TypeError, match="must match"):
         fasttx.layer_norm(torch.randn(2, N, dtype=torch.bfloat16), (N,), torch.ones(N))
+
+
+# ---- the norms' mixed-precision CPU kernels -------------------------------------------------------
+
+def _count_casts(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::_to_copy", "aten::copy_"))
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("order", ["branch first", "residual first"])
+def test_add_layer_norm_reads_a_narrow_branch_beside_an_fp32_residual_without_casts(low, order):
+    """Under autocast, add_layer_norm(bf16 branch, fp32 residual, out_dtype=bf16) is the promoted
+    computation (the same sum, y rounded once), made with no cast: the kernel reads the branch as it
+    is, writes y in bf16, reads y's bf16 gradient and writes the branch's gradient in bf16."""
+    torch.manual_seed(0)
+    branch, residual = _leaf(4, 3, 77, dtype=low), _leaf(4, 3, 77)
+    w, b = _leaf(77), _leaf(77)
+    grad_y, grad_s = torch.randn(4, 3, 77).to(low), torch.randn(4, 3, 77)
+    pair = (branch, residual) if order == "branch first" else (residual, branch)
+
+    def fused():
+        with torch.autocast("cpu", dtype=low):
+            y, s = fasttx.add_layer_norm(*pair, (77,), w, b, out_dtype=low)
+        return (y, s), torch.autograd.grad((y, s), (branch, residual, w, b), (grad_y, grad_s))
+
+    def promoted():  # what it replaces: promote, norm in fp32, cast y
+        y, s = fasttx.add_layer_norm(branch.float(), residual, (77,), w, b)
+        y = y.to(low)
+        return (y, s), torch.autograd.grad((y, s), (branch, residual, w, b), (grad_y, grad_s))
+
+    (outs, grads), (want, want_grads) = fused(), promoted()
+    assert outs[0].dtype == low and outs[1].dtype == torch.float32
+    assert torch.equal(outs[0], want[0]) and torch.equal(outs[1], want[1])
+    for g, e, leaf in zip(grads, want_grads, (branch, residual, w, b)):
+        assert g.dtype == leaf.dtype
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-5, atol=1e-5)
+    assert _count_casts(fused) == 0
+
+
+def test_layer_norm_out_dtype_under_autocast_makes_no_cast():
+    x, w, b = _leaf(2, 9, N), _leaf(N), _leaf(N)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fasttx.layer_norm(x, (N,), w, b, out_dtype=torch.bfloat16)
+        y.backward(torch.ones_like(y))
+    assert _count_casts(step) == 0 and x.grad.dtype == torch.float32

@@ -118,6 +118,51 @@ def test_backward_is_deterministic(device, backend, op):
         assert (a is None and c is None) or torch.equal(a, c)
 
 
+def _with_out_dtype(op, out_dtype):
+    """The op with out_dtype, and the same op followed by .to(out_dtype): what out_dtype promises to equal."""
+    def call(x, r, w, b, **kw):
+        if op == "layer_norm":
+            return (fasttx.layer_norm(x, x.shape[-1:], w, b, **kw),)
+        if op == "add_layer_norm":
+            return fasttx.add_layer_norm(x, r, x.shape[-1:], w, b, **kw)
+        return (fasttx.rms_norm(x, x.shape[-1:], w, RMS_EPS, **kw),)
+    fused = lambda *a: call(*a, out_dtype=out_dtype)
+    cast = lambda *a: (lambda outs: (outs[0].to(out_dtype),) + tuple(outs[1:]))(call(*a))
+    return fused, cast
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [1, 77, 1537])
+def test_out_dtype_is_one_rounding_of_the_output(device, backend, op, out_dtype, n):
+    """y in out_dtype equals y.to(out_dtype) bit for bit; its gradient arrives in out_dtype and gives
+    the input gradients that the cast's would (fp32 sums, so within a few ulp)."""
+    skip_unless_runnable(device, backend)
+    torch.manual_seed(n)
+    x = torch.randn(2, 5, n, device=device)
+    r, w, b = torch.randn_like(x), 1 + torch.randn(n, device=device), torch.randn(n, device=device)
+    grads = [torch.randn(x.shape, device=device).to(out_dtype), torch.randn_like(x)]
+    fused, cast = _with_out_dtype(op, out_dtype)
+    with fasttx.use_backend(backend):
+        (outs, in_grads), (want, want_grads) = _run(fused, [x, r, w, b], grads), _run(cast, [x, r, w, b], grads)
+    assert outs[0].dtype == out_dtype and all(o.dtype == torch.float32 for o in outs[1:])
+    for o, e in zip(outs, want):
+        assert torch.equal(o, e)
+    for name, g, e in zip("x residual weight bias".split(), in_grads, want_grads):
+        if e is not None:
+            # The two kernel instantiations may contract a - b * c into an FMA differently: ulp-level
+            # noise, which rstd = 1/sqrt(eps) amplifies at n = 1, where the true gradient is 0.
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 if n > 1 else 1e-3, msg=f"{op} grad {name}")
+
+
+def test_out_dtype_must_be_a_floating_dtype():
+    with pytest.raises(TypeError, match="out_dtype must be None or a floating torch.dtype, got torch.int32"):
+        fasttx.layer_norm(torch.randn(4, 8), 8, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype must be None or a floating torch.dtype, got 'bf16'"):
+        fasttx.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), 8, out_dtype="bf16")
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_gradcheck_float64_cpu(op):
     skip_unless_runnable("cpu", "cpu")

@@ -62,10 +62,10 @@ double mean_square(const A* v, int64_t n) {
 
 // The rows policy of cpu/layer_norm_driver.h, in plain loops.
 struct ScalarRows {
-  template <typename T>
-  static void forward_rows(const T* x, const T* res, const T* w, const T* b, T* y, T* s, at::opmath_type<T>* mean_out,
-                    at::opmath_type<T>* rstd_out, int64_t r0, int64_t r1, int64_t n, double eps, bool rms,
-                           bool /*stream*/, at::opmath_type<T>* row) {
+  template <typename T, typename TX = T, typename TY = T>
+  static void forward_rows(const TX* x, const T* res, const T* w, const T* b, TY* y, T* s,
+                           at::opmath_type<T>* mean_out, at::opmath_type<T>* rstd_out, int64_t r0, int64_t r1,
+                           int64_t n, double eps, bool rms, bool /*stream*/, at::opmath_type<T>* row) {
     using A = at::opmath_type<T>;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = r * n;
@@ -96,17 +96,17 @@ struct ScalarRows {
         A v = (row[j] - mean) * rstd;
         if (w) v = v * A(w[j]);
         if (b) v = v + A(b[j]);
-        y[off + j] = T(v);
+        y[off + j] = TY(v);
       }
     }
   }
 
   // One part = a fixed range of rows; it writes grad_input for its rows and its
   // own dweight/dbias partial row, so the reduction order never depends on threads.
-  template <typename T>
-  static void backward_part(const T* gy, const T* gs, const T* s, const at::opmath_type<T>* mean,
-                     const at::opmath_type<T>* rstd, const T* w, T* gx, at::opmath_type<T>* dw,
-                     at::opmath_type<T>* db, int64_t r0, int64_t r1, int64_t n, bool rms,
+  template <typename T, typename TG = T, typename TL = T>
+  static void backward_part(const TG* gy, const T* gs, const T* s, const at::opmath_type<T>* mean,
+                            const at::opmath_type<T>* rstd, const T* w, T* gx, TL* gx_low, at::opmath_type<T>* dw,
+                            at::opmath_type<T>* db, int64_t r0, int64_t r1, int64_t n, bool rms,
                             bool /*stream*/) {
     using A = at::opmath_type<T>;
     if (dw) std::fill(dw, dw + n, A(0));
@@ -130,6 +130,7 @@ struct ScalarRows {
         A v = (g[j] - mean_g - xhat[j] * mean_gx) * rs;
         if (gs) v += A(gs[off + j]);
         gx[off + j] = T(v);
+        if (gx_low) gx_low[off + j] = TL(v);
       }
     }
   }
@@ -176,32 +177,49 @@ namespace portable {
 const NormKernels norm = norm_driver::kernels<ScalarRows>();
 }  // namespace portable
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+    const std::optional<at::Tensor>& bias, double eps, bool rms, std::optional<at::ScalarType> y_dtype) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "layer_norm: x must be a contiguous 2-D tensor, got ", x.sizes());
   const at::Tensor res = or_undefined(residual), w = or_undefined(weight), b = or_undefined(bias);
-  if (res.defined()) check_rows(res, "residual", x);
-  check_param(w, "weight", x);
-  check_param(b, "bias", x);
+  // The statistics' type: the residual's when a narrower x is added to it.
+  const at::Tensor& stats_like = res.defined() ? res : x;
+  if (res.defined()) {
+    TORCH_CHECK(res.sizes() == x.sizes() && res.is_contiguous(), "layer_norm: residual must be contiguous with the "
+                "shape of x ", x.sizes(), ", got ", res.sizes());
+    TORCH_CHECK(res.scalar_type() == x.scalar_type() || res.scalar_type() == at::kFloat, "layer_norm: residual "
+                "must have x's dtype ", x.scalar_type(), " or be float32 beside a narrower x, got ", res.scalar_type());
+  }
+  check_param(w, "weight", stats_like);
+  check_param(b, "bias", stats_like);
   TORCH_CHECK(!(rms && b.defined()), "rms_norm takes no bias");
   const int64_t m = x.size(0);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto y = empty_output(x);
-  auto s = res.defined() ? empty_output(x) : at::Tensor();
+  const auto acc = stats_like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto y = empty_output(x.sizes(), x.options().dtype(y_dtype.value_or(stats_like.scalar_type())));
+  auto s = res.defined() ? empty_output(res) : at::Tensor();
   auto mean = rms ? at::Tensor() : at::empty({m}, x.options().dtype(acc));
   auto rstd = at::empty({m}, x.options().dtype(acc));
   if (x.numel() > 0) kernels_for_this_cpu().forward(x, res, w, b, y, s, mean, rstd, eps, rms);
   return {y, s, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+  if (residual) check_rows(*residual, "residual", x);
+  return norm_fwd_cpu(x, residual, weight, bias, eps, rms, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& s,
     const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    bool has_bias, bool rms) {
+    bool has_bias, bool rms, std::optional<at::ScalarType> low_grad_dtype) {
   TORCH_CHECK(s.dim() == 2 && s.is_contiguous(), "layer_norm backward: s must be a contiguous 2-D tensor");
   const at::Tensor gs = or_undefined(grad_s), mu = or_undefined(mean), w = or_undefined(weight);
-  check_rows(grad_y, "grad_y", s);
+  TORCH_CHECK(grad_y.sizes() == s.sizes() && grad_y.is_contiguous() &&
+                  (grad_y.scalar_type() == s.scalar_type() || s.scalar_type() == at::kFloat),
+              "layer_norm backward: grad_y must be contiguous with the shape of s ", s.sizes(), " and its dtype "
+              "(or a narrower one beside float32 s), got ", grad_y.sizes(), " ", grad_y.scalar_type());
   if (gs.defined()) check_rows(gs, "grad_s", s);
   check_param(w, "weight", s);
   TORCH_CHECK(rms || mu.defined(), "layer_norm backward: mean is required unless rms");
@@ -209,16 +227,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   const auto acc = rstd.scalar_type();
   const int64_t parts = column_sum_parts(m);
   auto gx = empty_output(s);
+  auto gx_low = low_grad_dtype ? at::empty(s.sizes(), s.options().dtype(*low_grad_dtype)) : at::Tensor();
   auto dw_part = w.defined() ? at::empty({parts, n}, s.options().dtype(acc)) : at::Tensor();
   auto db_part = has_bias ? at::empty({parts, n}, s.options().dtype(acc)) : at::Tensor();
   auto dw = w.defined() ? at::empty({n}, s.options()) : at::Tensor();
   auto db = has_bias ? at::empty({n}, s.options()) : at::Tensor();
   if (s.numel() > 0) {
-    kernels_for_this_cpu().backward(grad_y, gs, s, mu, rstd, w, gx, dw, db, dw_part, db_part, rms);
+    kernels_for_this_cpu().backward(grad_y, gs, s, mu, rstd, w, gx, gx_low, dw, db, dw_part, db_part, rms);
   } else {
     if (dw.defined()) dw.zero_();
     if (db.defined()) db.zero_();
   }
+  return {gx, dw, db, gx_low};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& s,
+    const std::optional<at::Tensor>& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    bool has_bias, bool rms) {
+  check_rows(grad_y, "grad_y", s);
+  auto [gx, dw, db, gx_low] = norm_bwd_cpu(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms, std::nullopt);
   return {gx, dw, db};
 }
 

@@ -15,15 +15,17 @@
 namespace fasttx {
 
 struct NormKernels {
-  // Fills y, s (when residual is given), mean (unless rms) and rstd.
+  // Fills y, s (when residual is given), mean (unless rms) and rstd. x and y
+  // may be bfloat16/half beside float statistics (see layer_norm_driver.h).
   void (*forward)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,
                   const at::Tensor& y, const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd,
                   double eps, bool rms);
-  // Fills grad_input, and grad_weight / grad_bias (when defined) through the
-  // opmath partial rows weight_partial / bias_partial, (parts, N).
+  // Fills grad_input (and grad_input_low, its copy in a narrower dtype, when
+  // defined), and grad_weight / grad_bias (when defined) through the opmath
+  // partial rows weight_partial / bias_partial, (parts, N).
   void (*backward)(const at::Tensor& grad_y, const at::Tensor& grad_s, const at::Tensor& s, const at::Tensor& mean,
                    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_input,
-                   const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& weight_partial,
+                   const at::Tensor& grad_input_low, const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& weight_partial,
                    const at::Tensor& bias_partial, bool rms);
 };
 

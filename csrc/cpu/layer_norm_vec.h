@@ -10,6 +10,7 @@
 
 #ifdef FASTTX_ISA
 #include <cmath>
+#include <type_traits>
 
 #include "common/welford.h"
 #include "cpu/layer_norm_driver.h"
@@ -85,14 +86,19 @@ inline void prefetch_row(const T* p, int64_t n) {
 
 struct VecRows {
   // Rows [r0, r1). `row` is a scratch row of n opmath values, used when the row
-  // must be converted (half/bfloat16) or summed with the residual first.
-  template <typename T>
-  static void forward_rows(const T* x, const T* res, const T* w, const T* b, T* y, T* s, at::opmath_type<T>* mean_out,
-                           at::opmath_type<T>* rstd_out, int64_t r0, int64_t r1, int64_t n, double eps, bool rms,
-                           bool stream, at::opmath_type<T>* row) {
+  // must be converted (half/bfloat16) or summed with the residual first. x may
+  // be stored in a narrower type TX than T (a bf16 branch added to an fp32
+  // residual, res given) and y in another TY (the autocast dtype of the linear
+  // that reads it): each is converted in registers, rounded once on store.
+  template <typename T, typename TX = T, typename TY = T>
+  static void forward_rows(const TX* x, const T* res, const T* w, const T* b, TY* y, T* s,
+                           at::opmath_type<T>* mean_out, at::opmath_type<T>* rstd_out, int64_t r0, int64_t r1,
+                           int64_t n, double eps, bool rms, bool stream, at::opmath_type<T>* row) {
     using IO = Io<T>;
     using A = typename IO::A;
     using V = typename IO::V;
+    static_assert(std::is_same_v<A, at::opmath_type<TX>> && std::is_same_v<A, at::opmath_type<TY>>,
+                  "x, y and the statistics share one opmath type");
     constexpr int64_t W = IO::W;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = r * n;
@@ -103,14 +109,15 @@ struct VecRows {
         // s is rounded to T before the statistics: the backward reads the stored
         // s back, and (s - mean) must match, or rstd amplifies the rounding.
         IO::for_each_vector(s + off, n, [&](int64_t j, int64_t k) {
-          const V sv = IO::load(x + off + j, k) + IO::load(res + off + j, k);
+          const V sv = Io<TX>::load(x + off + j, k) + IO::load(res + off + j, k);
           IO::store(s + off + j, sv, k, stream);
           IO::round_to_storage(sv).store(row + j, k);
         });
-      } else if constexpr (std::is_same_v<T, A>) {
+      } else if constexpr (std::is_same_v<TX, A>) {
         v = x + off;  // already opmath: read it in place, it stays in cache
       } else {
-        for (int64_t j = 0; j < n; j += W) IO::load(x + off + j, std::min(W, n - j)).store(row + j, std::min(W, n - j));
+        for (int64_t j = 0; j < n; j += W)
+          Io<TX>::load(x + off + j, std::min(W, n - j)).store(row + j, std::min(W, n - j));
       }
       double mean = 0, var;
       if (rms) {
@@ -128,12 +135,12 @@ struct VecRows {
       const A rstd = A(1.0 / std::sqrt(var + eps));
       rstd_out[r] = rstd;
       const V vmean(static_cast<A>(mean)), vrstd(rstd);
-      IO::for_each_vector(y + off, n, [&](int64_t j, int64_t k) {
+      Io<TY>::for_each_vector(y + off, n, [&](int64_t j, int64_t k) {
         V o = (V::loadu(v + j, k) - vmean) * vrstd;
         if (w && b) o = at::vec::fmadd(o, IO::load(w + j, k), IO::load(b + j, k));
         else if (w) o = o * IO::load(w + j, k);
         else if (b) o = o + IO::load(b + j, k);
-        IO::store(y + off + j, o, k, stream);
+        Io<TY>::store(y + off + j, o, k, stream);
       });
     }
     _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
@@ -143,10 +150,13 @@ struct VecRows {
   // One part = a fixed range of rows [r0, r1): it writes grad_input for its rows
   // and accumulates its own dweight/dbias partial rows, so the reduction order
   // never depends on the thread count. Two passes per row, the second over data
-  // the first left in L1/L2: the row sums, then grad_input.
-  template <typename T>
-  static void backward_part(const T* gy, const T* gs, const T* s, const at::opmath_type<T>* mean,
-                            const at::opmath_type<T>* rstd, const T* w, T* gx, at::opmath_type<T>* dw,
+  // the first left in L1/L2: the row sums, then grad_input. gy may be stored in
+  // a narrower type TG (the grad of a bf16 y); gx_low, when given, receives
+  // grad_input rounded to TL as well (the grad of a bf16 x that met an fp32
+  // residual).
+  template <typename T, typename TG = T, typename TL = T>
+  static void backward_part(const TG* gy, const T* gs, const T* s, const at::opmath_type<T>* mean,
+                            const at::opmath_type<T>* rstd, const T* w, T* gx, TL* gx_low, at::opmath_type<T>* dw,
                             at::opmath_type<T>* db, int64_t r0, int64_t r1, int64_t n, bool rms, bool stream) {
     using IO = Io<T>;
     using A = typename IO::A;
@@ -163,7 +173,7 @@ struct VecRows {
       const V mu(rms ? A(0) : mean[r]), rs(rstd[r]);
       V sum_g(0), sum_gx(0);
       IO::for_each_vector(gx + off, n, [&](int64_t j, int64_t k) {
-        const V dy = IO::load(gy + off + j, k);
+        const V dy = Io<TG>::load(gy + off + j, k);
         const V xhat = (IO::load(s + off + j, k) - mu) * rs;
         const V g = w ? dy * IO::load(w + j, k) : dy;
         sum_g += g;  // tail lanes load as 0, so they add nothing
@@ -173,12 +183,13 @@ struct VecRows {
       });
       const V mean_g(rms ? A(0) : A(lane_sum(sum_g) / double(n))), mean_gx(A(lane_sum(sum_gx) / double(n)));
       IO::for_each_vector(gx + off, n, [&](int64_t j, int64_t k) {
-        const V dy = IO::load(gy + off + j, k);
+        const V dy = Io<TG>::load(gy + off + j, k);
         const V xhat = (IO::load(s + off + j, k) - mu) * rs;
         const V g = w ? dy * IO::load(w + j, k) : dy;
         V o = (g - mean_g - xhat * mean_gx) * rs;
         if (gs) o = o + IO::load(gs + off + j, k);
         IO::store(gx + off + j, o, k, stream);
+        if (gx_low) Io<TL>::store(gx_low + off + j, o, k);
       });
     }
     _mm_sfence();  // as in forward_rows

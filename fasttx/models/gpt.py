@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.nn import LayerNorm, TransformerBlock
+from fasttx.nn.normalization import normed_operand
 from fasttx.nn.recompute import autocast_operand, recomputed_activations
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.cross_entropy import cross_entropy
@@ -154,8 +155,8 @@ class GPT(torch.nn.Module):
             with recomputed_activations():  # norm outputs are rebuilt in backward, not kept
                 for block in self.blocks:
                     x = block(x)
-                operand = autocast_operand  # under autocast, casts rebuilt in backward too
-                logits = F.linear(operand(self.ln_f(x)), operand(self.lm_head.weight))
+                # under autocast: ln_f writes the head's dtype; the weight's cast is rebuilt in backward
+                logits = F.linear(normed_operand(self.ln_f, x), autocast_operand(self.lm_head.weight))
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:

@@ -7,10 +7,16 @@ and isinstance checks keep working. Only forward is fasttx's.
 Inside fasttx.nn.recompute.recomputed_activations() (as in TransformerBlock
 and GPT), an output that a later op saves for backward is recomputed from the
 input, which the norm saves anyway, instead of being kept.
+
+``normed_operand(norm, x)`` is norm(x) for a linear to read: under autocast the
+norm kernel writes it in autocast's dtype and reads its gradient so, where
+norm(x) would be fp32 and cast twice (forward, and its gradient back).
 """
+from typing import Union
+
 import torch
 
-from fasttx.nn.recompute import remember
+from fasttx.nn.recompute import autocast_dtype, remember
 from fasttx.ops.layer_norm import layer_norm, rms_norm
 
 
@@ -26,3 +32,16 @@ class RMSNorm(torch.nn.RMSNorm):
         shape, weight, eps = self.normalized_shape, self.weight, self.eps
         norm = lambda: rms_norm(x, shape, weight, eps)
         return remember(norm(), norm, x, weight)
+
+
+def normed_operand(norm: Union[LayerNorm, RMSNorm], x: torch.Tensor) -> torch.Tensor:
+    """norm(x) as a linear under autocast takes it, in autocast's dtype: bitwise norm(x).to(dtype), with no
+    cast. Outside autocast, norm(x)."""
+    dtype = autocast_dtype(x)
+    if isinstance(norm, RMSNorm):
+        shape, weight, eps = norm.normalized_shape, norm.weight, norm.eps
+        run = lambda: rms_norm(x, shape, weight, eps, out_dtype=dtype)
+        return remember(run(), run, x, weight)
+    shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+    run = lambda: layer_norm(x, shape, weight, bias, eps, out_dtype=dtype)
+    return remember(run(), run, x, weight, bias)

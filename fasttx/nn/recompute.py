@@ -140,16 +140,23 @@ def remember(t: Tensor, rebuild: Callable[[], Tensor], *inputs: Tensor) -> Tenso
     return recipes.remember(t, rebuild, tuple(i for i in inputs if i is not None)) if recipes is not None else t
 
 
+def autocast_dtype(t: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The dtype autocast hands t to a linear in (its lower-precision dtype), or None where t passes
+    through as it is: outside autocast, for float64, non-floating tensors and None."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64 \
+            or not torch.is_autocast_enabled(t.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(t.device.type)
+    return None if t.dtype == dtype else dtype
+
+
 def autocast_operand(t: Optional[Tensor]) -> Optional[Tensor]:
     """t as autocast hands it to a linear or an attention (its lower-precision dtype; float64, non-floating
     and None pass through), and outside autocast t itself. The cast is made here, not inside the op, so
     that inside ``recomputed_activations()`` it is rebuilt in backward instead of kept: a parameter's
     from the parameter, a remembered activation's from its recipe. Other tensors are only cast."""
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64 \
-            or not torch.is_autocast_enabled(t.device.type):
-        return t
-    dtype = torch.get_autocast_dtype(t.device.type)
-    if t.dtype == dtype:
+    dtype = autocast_dtype(t)
+    if dtype is None:
         return t
     cast = t.to(dtype)
     recipes = _CURRENT.get()

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.nn.attention import MultiheadSelfAttention
-from fasttx.nn.normalization import LayerNorm
-from fasttx.nn.recompute import autocast_operand, recomputed_activations, remember
+from fasttx.nn.normalization import LayerNorm, normed_operand
+from fasttx.nn.recompute import autocast_dtype, autocast_operand, recomputed_activations, remember
 from fasttx.ops.gelu_ffn import ACTIVATIONS, gelu_ffn
 from fasttx.ops.layer_norm import add_layer_norm, layer_norm
 
@@ -69,12 +69,13 @@ class TransformerBlock(torch.nn.Module):
                                              operand(self.linear2.weight), operand(self.linear2.bias),
                                              self.activation))
 
-    def _add_norm(self, norm: LayerNorm, branch: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """(norm(branch + residual), branch + residual) in one pass."""
+    def _add_norm(self, norm: LayerNorm, branch: Tensor, residual: Tensor,
+                  out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """(norm(branch + residual), branch + residual) in one pass, the first in out_dtype if given."""
         shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
-        normed, total = add_layer_norm(branch, residual, shape, weight, bias, eps)
+        normed, total = add_layer_norm(branch, residual, shape, weight, bias, eps, out_dtype=out_dtype)
         # The same kernel on the saved sum rebuilds the normed output bit for bit.
-        rebuild = lambda: layer_norm(total, shape, weight, bias, eps)
+        rebuild = lambda: layer_norm(total, shape, weight, bias, eps, out_dtype=out_dtype)
         return remember(normed, rebuild, total, weight, bias), total
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
@@ -88,8 +89,9 @@ class TransformerBlock(torch.nn.Module):
 
     def _forward(self, x: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         if self.norm_first:
-            attended = self._branch_dropout(self.self_attn(self.norm1(x), attn_mask))
-            ffn_in, h = self._add_norm(self.norm2, attended, x)
+            # The norms' outputs feed only linears: under autocast they come out in its dtype.
+            attended = self._branch_dropout(self.self_attn(normed_operand(self.norm1, x), attn_mask))
+            ffn_in, h = self._add_norm(self.norm2, attended, x, autocast_dtype(x))
             return h + self._ffn(ffn_in)
         h, _ = self._add_norm(self.norm1, self._branch_dropout(self.self_attn(x, attn_mask)), x)
         out, _ = self._add_norm(self.norm2, self._ffn(h), h)

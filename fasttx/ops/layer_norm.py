@@ -228,7 +228,7 @@ def _norm(x, residual, weight, bias, eps, rms):
 _PLAIN_OR_NONE = (*_PLAIN, type(None))
 
 
-def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms):
+def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms, out_dtype):
     if (type(x) not in _PLAIN or not x.is_cpu or type(residual) not in _PLAIN_OR_NONE
             or type(weight) not in _PLAIN_OR_NONE or type(bias) not in _PLAIN_OR_NONE
             or torch.compiler.is_compiling()
@@ -236,7 +236,7 @@ def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms):
         return None
     shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
     try:
-        return backends.extension().norm_eager_cpu(x, residual, shape, weight, bias, float(eps), rms)
+        return backends.extension().norm_eager_cpu(x, residual, shape, weight, bias, float(eps), rms, out_dtype)
     except TypeError:  # an argument pybind cannot convert: the Python path says what is wrong with it
         return None
 
@@ -270,22 +270,44 @@ def _check_and_flatten(op, x, normalized_shape, weight, bias):
     return x.reshape(rows, n).contiguous(), flat(weight), flat(bias)
 
 
+def _in_dtype(y: Tensor, out_dtype: Optional[torch.dtype]) -> Tensor:
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _check_out_dtype(op: str, out_dtype) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"fasttx.{op}: out_dtype must be None or a floating torch.dtype, got {out_dtype!r}")
+
+
 def layer_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    """``torch.nn.functional.layer_norm``, fused."""
-    fast = _eager_cpu(x, None, normalized_shape, weight, bias, eps, False)
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.nn.functional.layer_norm``, fused.
+
+    ``out_dtype``: the output's dtype, as ``layer_norm(...).to(out_dtype)`` (computed in the input's
+    precision, rounded once). Under autocast, a norm followed by a linear can hand it autocast's dtype
+    directly: the CPU kernel then writes bf16 and reads its bf16 gradient, with no cast either way.
+    """
+    _check_out_dtype("layer_norm", out_dtype)
+    fast = _eager_cpu(x, None, normalized_shape, weight, bias, eps, False, out_dtype)
     if fast is not None:
         return fast[0]
     weight, bias = params_like(x, weight, bias)
     x2d, w, b = _check_and_flatten("layer_norm", x, normalized_shape, weight, bias)
     y, _, _, _ = _norm(x2d, None, w, b, float(eps), False)
-    return y.view(x.shape)
+    return _in_dtype(y.view(x.shape), out_dtype)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
-                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """``(layer_norm(x + residual), x + residual)`` in one pass over memory."""
-    fast = _eager_cpu(x, residual, normalized_shape, weight, bias, eps, False)
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """``(layer_norm(x + residual), x + residual)`` in one pass over memory.
+
+    ``out_dtype``: the normed output's dtype, as for layer_norm (the sum keeps its own). Under
+    autocast a bf16 x meets an fp32 residual in fp32, as ``x + residual`` does; the CPU kernel reads
+    x as it is and writes x's gradient in bf16, with no cast either way.
+    """
+    _check_out_dtype("add_layer_norm", out_dtype)
+    fast = _eager_cpu(x, residual, normalized_shape, weight, bias, eps, False, out_dtype)
     if fast is not None:
         return fast
     op = "add_layer_norm"
@@ -298,23 +320,25 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, wei
     if residual.shape != x.shape:
         raise ValueError(f"fasttx.{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
     y, s, _, _ = _norm(x2d, residual.reshape(x2d.shape).contiguous(), w, b, float(eps), False)
-    return y.view(x.shape), s.view(x.shape)
+    return _in_dtype(y.view(x.shape), out_dtype), s.view(x.shape)
 
 
 def rms_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
-             eps: Optional[float] = None) -> Tensor:
+             eps: Optional[float] = None, *, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``torch.nn.functional.rms_norm``, fused.
 
     ``eps=None`` means the machine epsilon of the type the statistics are
     computed in (float32 for float16/bfloat16 inputs), which is what torch does.
+    ``out_dtype`` as for layer_norm.
     """
+    _check_out_dtype("rms_norm", out_dtype)
     if eps is None and isinstance(x, Tensor):
         eps = torch.finfo(_acc_dtype(x.dtype)).eps
-    fast = _eager_cpu(x, None, normalized_shape, weight, None, eps, True)
+    fast = _eager_cpu(x, None, normalized_shape, weight, None, eps, True, out_dtype)
     if fast is not None:
         return fast[0]
     (weight,) = params_like(x, weight)
     x2d, w, _ = _check_and_flatten("rms_norm", x, normalized_shape, weight, None)
     eps = float(eps)
     y, _, _, _ = _norm(x2d, None, w, None, eps, True)
-    return y.view(x.shape)
+    return _in_dtype(y.view(x.shape), out_dtype)
