@@ -134,3 +134,41 @@ def test_bad_input_shape_is_named():
     block = TransformerBlock(D_MODEL, N_HEADS)
     with pytest.raises(ValueError, match=r"x must have shape \(batch, seq_len, 64\), got \(2, 5, 32\)"):
         block(torch.randn(2, 5, 32))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_deferred_chains_blocks_as_forward_does(autocast):
+    """Blocks chained through forward_deferred (each residual add made by the next block's norm) give
+    forward's outputs and gradients bit for bit: the norm kernel makes the same fp32 add."""
+    torch.manual_seed(0)
+    blocks = [TransformerBlock(32, 4, 64, norm_first=True, is_causal=True) for _ in range(3)]
+    params = [p for b in blocks for p in b.parameters()]
+    x = torch.randn(2, 7, 32, requires_grad=True)
+
+    def run(deferred):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if deferred:
+                h, branch = x, None
+                for b in blocks:
+                    h, branch = b.forward_deferred(h, branch)
+                out = h + branch
+            else:
+                out = x
+                for b in blocks:
+                    out = b(out)
+        return out, torch.autograd.grad(out.float().square().sum(), [x] + params)
+
+    (out, grads), (want, want_grads) = run(True), run(False)
+    assert torch.equal(out, want)
+    for g, w in zip(grads, want_grads):
+        assert torch.equal(g, w)
+
+
+def test_forward_deferred_checks_its_inputs():
+    block, x = TransformerBlock(16, 2, norm_first=True), torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"pending must have x's shape \(2, 5, 16\), got \(2, 4, 16\)"):
+        block.forward_deferred(x, torch.randn(2, 4, 16))
+    with pytest.raises(ValueError, match=r"pending must have shape \(batch, seq_len, 16\), got \(5, 16\)"):
+        block.forward_deferred(x, torch.randn(5, 16))
+    with pytest.raises(RuntimeError, match="only pre-LN blocks"):
+        TransformerBlock(16, 2, norm_first=False).forward_deferred(x, None)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.nn import LayerNorm, TransformerBlock
-from fasttx.nn.normalization import normed_operand
-from fasttx.nn.recompute import autocast_operand, recomputed_activations
+from fasttx.nn.normalization import add_norm, normed_operand
+from fasttx.nn.recompute import autocast_dtype, autocast_operand, recomputed_activations
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.cross_entropy import cross_entropy
 from fasttx.ops.gelu_ffn import gelu_ffn
@@ -153,10 +153,14 @@ class GPT(torch.nn.Module):
             logits = self.lm_head(_norm(self.ln_f, x, eager))
         else:
             with recomputed_activations():  # norm outputs are rebuilt in backward, not kept
+                # Each block's last residual add runs in the next norm (TransformerBlock.forward_deferred).
+                branch = None
                 for block in self.blocks:
-                    x = block(x)
+                    x, branch = block.forward_deferred(x, branch)
                 # under autocast: ln_f writes the head's dtype; the weight's cast is rebuilt in backward
-                logits = F.linear(normed_operand(self.ln_f, x), autocast_operand(self.lm_head.weight))
+                normed = add_norm(self.ln_f, branch, x, autocast_dtype(x))[0] if branch is not None \
+                    else normed_operand(self.ln_f, x)
+                logits = F.linear(normed, autocast_operand(self.lm_head.weight))
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:

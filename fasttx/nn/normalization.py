@@ -12,12 +12,12 @@ input, which the norm saves anyway, instead of being kept.
 norm kernel writes it in autocast's dtype and reads its gradient so, where
 norm(x) would be fp32 and cast twice (forward, and its gradient back).
 """
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from fasttx.nn.recompute import autocast_dtype, remember
-from fasttx.ops.layer_norm import layer_norm, rms_norm
+from fasttx.ops.layer_norm import add_layer_norm, layer_norm, rms_norm
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -45,3 +45,15 @@ def normed_operand(norm: Union[LayerNorm, RMSNorm], x: torch.Tensor) -> torch.Te
     shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
     run = lambda: layer_norm(x, shape, weight, bias, eps, out_dtype=dtype)
     return remember(run(), run, x, weight, bias)
+
+
+
+def add_norm(norm: LayerNorm, branch: torch.Tensor, residual: torch.Tensor,
+             out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(branch + residual), branch + residual) in one pass (add_layer_norm), the first in out_dtype if
+    given; inside recomputed_activations() it is rebuilt in backward from the sum, which its backward keeps."""
+    shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+    normed, total = add_layer_norm(branch, residual, shape, weight, bias, eps, out_dtype=out_dtype)
+    # The same kernel on the saved sum rebuilds the normed output bit for bit.
+    rebuild = lambda: layer_norm(total, shape, weight, bias, eps, out_dtype=out_dtype)
+    return remember(normed, rebuild, total, weight, bias), total

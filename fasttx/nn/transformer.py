@@ -16,6 +16,12 @@ linear1, linear2, norm1, norm2), so its state_dict loads both ways with
 activation, batch_first=True, norm_first=norm_first)``; with dropout 0 the
 two compute the same function. Inputs are batch-first, (batch, seq, d_model).
 
+A stack of pre-LN blocks can also chain through ``forward_deferred(x,
+pending)``, which returns (h, branch) and leaves the last add, h + branch, to
+the next block's first norm (GPT does): then every residual add runs inside a
+norm. Under autocast each pre-LN norm writes its output in autocast's dtype,
+for the linear that reads it (fasttx.nn.normalization.normed_operand).
+
 In training, the norm outputs are not kept for backward but rebuilt there
 from tensors kept anyway (fasttx/nn/recompute.py): two (batch, seq, d_model)
 tensors fewer per block, gradients bitwise the same. out_proj's input is a
@@ -33,10 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.nn.attention import MultiheadSelfAttention
-from fasttx.nn.normalization import LayerNorm, normed_operand
-from fasttx.nn.recompute import autocast_dtype, autocast_operand, recomputed_activations, remember
+from fasttx.nn.normalization import LayerNorm, add_norm, normed_operand
+from fasttx.nn.recompute import autocast_dtype, autocast_operand, recomputed_activations
 from fasttx.ops.gelu_ffn import ACTIVATIONS, gelu_ffn
-from fasttx.ops.layer_norm import add_layer_norm, layer_norm
 
 
 class TransformerBlock(torch.nn.Module):
@@ -69,32 +74,48 @@ class TransformerBlock(torch.nn.Module):
                                              operand(self.linear2.weight), operand(self.linear2.bias),
                                              self.activation))
 
-    def _add_norm(self, norm: LayerNorm, branch: Tensor, residual: Tensor,
-                  out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-        """(norm(branch + residual), branch + residual) in one pass, the first in out_dtype if given."""
-        shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
-        normed, total = add_layer_norm(branch, residual, shape, weight, bias, eps, out_dtype=out_dtype)
-        # The same kernel on the saved sum rebuilds the normed output bit for bit.
-        rebuild = lambda: layer_norm(total, shape, weight, bias, eps, out_dtype=out_dtype)
-        return remember(normed, rebuild, total, weight, bias), total
-
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         """x (batch, seq_len, d_model). attn_mask as for MultiheadSelfAttention: bool (True = attend) or
         additive, broadcasting to (batch, n_heads, seq_len, seq_len)."""
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"TransformerBlock: x must have shape (batch, seq_len, {self.d_model}), "
-                             f"got {tuple(x.shape)}")
-        with recomputed_activations():
-            return self._forward(x, attn_mask)
-
-    def _forward(self, x: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+        self._check_input("x", x)
         if self.norm_first:
+            h, branch = self.forward_deferred(x, None, attn_mask)
+            return h + branch
+        with recomputed_activations():
+            return self._forward_post_ln(x, attn_mask)
+
+    def _check_input(self, name: str, t: Optional[Tensor]) -> None:
+        if t is not None and (t.dim() != 3 or t.shape[-1] != self.d_model):
+            raise ValueError(f"TransformerBlock: {name} must have shape (batch, seq_len, {self.d_model}), "
+                             f"got {tuple(t.shape)}")
+
+    def forward_deferred(self, x: Tensor, pending: Optional[Tensor],
+                         attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Pre-LN only: the block's output as (h, branch), to be added by the next norm, where
+        forward(x + pending) = h + branch. The last residual add of one block then runs inside the
+        next block's first norm (add_layer_norm): one pass fewer over the residual stream per block,
+        and under autocast no cast of the bf16 branch or of its gradient. GPT chains its blocks so."""
+        if not self.norm_first:
+            raise RuntimeError("TransformerBlock.forward_deferred: only pre-LN blocks (norm_first=True) defer "
+                               "their residual add")
+        self._check_input("x", x)
+        self._check_input("pending", pending)
+        if pending is not None and pending.shape != x.shape:
+            raise ValueError(f"TransformerBlock.forward_deferred: pending must have x's shape {tuple(x.shape)}, "
+                             f"got {tuple(pending.shape)}")
+        with recomputed_activations():
             # The norms' outputs feed only linears: under autocast they come out in its dtype.
-            attended = self._branch_dropout(self.self_attn(normed_operand(self.norm1, x), attn_mask))
-            ffn_in, h = self._add_norm(self.norm2, attended, x, autocast_dtype(x))
-            return h + self._ffn(ffn_in)
-        h, _ = self._add_norm(self.norm1, self._branch_dropout(self.self_attn(x, attn_mask)), x)
-        out, _ = self._add_norm(self.norm2, self._ffn(h), h)
+            if pending is None:
+                normed = normed_operand(self.norm1, x)
+            else:
+                normed, x = add_norm(self.norm1, pending, x, autocast_dtype(x))
+            attended = self._branch_dropout(self.self_attn(normed, attn_mask))
+            ffn_in, h = add_norm(self.norm2, attended, x, autocast_dtype(x))
+            return h, self._ffn(ffn_in)
+
+    def _forward_post_ln(self, x: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+        h, _ = add_norm(self.norm1, self._branch_dropout(self.self_attn(x, attn_mask)), x)
+        out, _ = add_norm(self.norm2, self._ffn(h), h)
         return out
 
     def extra_repr(self) -> str:
