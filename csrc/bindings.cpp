@@ -20,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_eager_cpu", &fasttx::norm_eager_cpu, "the norm family with autograd, plain eager CPU calls only",
         py::arg("x"), py::arg("residual"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("rms"), py::arg("out_dtype") = py::none());
+  m.def("linear_weight_grad_cpu", &fasttx::linear_weight_grad_cpu, "grad_out^T x, a linear's weight grad, CPU");
   m.def("gelu_ffn_fwd_cpu", &fasttx::gelu_ffn_fwd_cpu, "act(x w1^T + b1) w2^T + b2, CPU");
   m.def("gelu_ffn_bwd_cpu", &fasttx::gelu_ffn_bwd_cpu, "gelu_ffn backward, CPU");
   m.def("attention_fwd_cpu", &fasttx::attention_fwd_cpu, "flash attention forward, CPU");

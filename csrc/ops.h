@@ -71,6 +71,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> norm_eager_cpu(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms,
     std::optional<at::ScalarType> out_dtype);
 
+// A linear's weight gradient, grad_out^T x: grad_out (M, O), x (M, I), one
+// dtype, to (O, I) (cpu/linear_weight_grad.cpp says why not at::mm alone).
+at::Tensor linear_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x);
+at::Tensor& linear_weight_grad_out_cpu(at::Tensor& out, const at::Tensor& grad_out, const at::Tensor& x);
+
 // gelu_ffn: out = act(x @ w1^T + b1) @ w2^T + b2, nn.Linear's layout:
 // x (M, D), w1 (H, D), b1 (H,), w2 (D2, H), b2 (D2,), all contiguous, one dtype.
 // activation is csrc/common/activation.h's Activation (0 gelu, 1 gelu_tanh,

@@ -233,3 +233,28 @@ def test_torch_compile_fullgraph_keeps_the_fused_op():
     out = torch.compile(block, fullgraph=True, backend=record)(x, *params)
     assert any("fasttx.gelu_ffn_forward" in op for op in ops_seen), ops_seen
     torch.testing.assert_close(out, block(x, *params))
+
+
+# ---- the weight-gradient GEMM of the CPU backward (csrc/cpu/linear_weight_grad.cpp) ------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,o,i", [(1, 2, 4), (77, 16, 64), (1000, 100, 401), (2049, 64, 256), (33, 7, 40),
+                                   (300, 64, 64), (0, 8, 16)], ids=str)
+def test_linear_weight_grad_matches_grad_out_t_x(dtype, m, o, i):
+    """grad_out^T x, whether it transposes grad_out first (bf16, even O, x at least twice as wide) or not."""
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx import backends
+    torch.manual_seed(m)
+    grad_out, x = torch.randn(m, o).to(dtype), torch.randn(m, i).to(dtype)
+    got = backends.extension().linear_weight_grad_cpu(grad_out, x)
+    truth = grad_out.double().t() @ x.double()
+    assert got.dtype == dtype and got.shape == (o, i)
+    assert_within_torch_error(got, truth, grad_out.t() @ x, factor=2, what=f"grad_w {dtype} {(m, o, i)}")
+    assert torch.equal(got, backends.extension().linear_weight_grad_cpu(grad_out, x))
+
+
+def test_linear_weight_grad_names_bad_shapes():
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx import backends
+    with pytest.raises(RuntimeError, match=r"must be 2-D with the same M, got \[4, 3\] and \[5, 2\]"):
+        backends.extension().linear_weight_grad_cpu(torch.randn(4, 3), torch.randn(5, 2))

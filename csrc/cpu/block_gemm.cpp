@@ -85,6 +85,8 @@ bool block_gemm_available() {
 
 bool bf16_block_gemm_available() { return has_avx512_bf16() && block_gemm_available(); }
 
+bool bf16_transpose_available() { return has_avx512_bf16(); }
+
 bool bf16_brgemm_available() {
   // The packing helpers below use AVX512-BF16; could_pack says oneDNN has a
   // native bf16 brgemm here (AMX or AVX512-BF16), not a reference loop.
@@ -336,12 +338,11 @@ void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10:
   }
 }
 
-void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
+void transpose_bf16(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
                     int64_t ld_dst) {
-  // Per block of query rows: src's rows read as words (column pairs),
-  // transposed, each word column split into output rows 2p (low halves) and
-  // 2p + 1.
-  TORCH_CHECK(cols % 2 == 0, "transpose_rows: cols must be even, got ", cols);
+  // src's rows read as words (column pairs), transposed, each word column
+  // split into output rows 2p (low halves) and 2p + 1.
+  TORCH_CHECK(cols % 2 == 0, "transpose_bf16: cols must be even, got ", cols);
   for_each_transposed_block(src, rows, cols / 2, ld * int64_t(sizeof(c10::BFloat16)),
                             [&](int64_t p, int64_t i0, int64_t n, __m512i words) {
                               c10::BFloat16* lo = dst + 2 * p * ld_dst + i0;
@@ -349,6 +350,11 @@ void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_
                               _mm256_mask_storeu_epi16(lo + ld_dst, first_lanes(n),
                                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
                             });
+}
+
+void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
+                    int64_t ld_dst) {
+  transpose_bf16(src, rows, cols, ld, dst, ld_dst);  // per block of query rows
   for (int64_t d = 0; d < cols; ++d) std::fill(dst + d * ld_dst + rows, dst + (d + 1) * ld_dst, c10::BFloat16(0.f));
 }
 
@@ -390,6 +396,9 @@ void pack_transposed_pairs(const c10::BFloat16*, int64_t, int64_t, int64_t, uint
 }
 void convert_rows(const float*, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t, float) {
   TORCH_CHECK(false, "convert_rows: not compiled for this CPU");
+}
+void transpose_bf16(const c10::BFloat16*, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t) {
+  TORCH_CHECK(false, "transpose_bf16: not compiled for this CPU");
 }
 void transpose_rows(const c10::BFloat16*, int64_t, int64_t, int64_t, c10::BFloat16*, int64_t) {
   TORCH_CHECK(false, "transpose_rows: not compiled for this CPU");

@@ -79,7 +79,13 @@ void convert_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, c10:
                   float scale = 1.f);
 
 // dst[d * ld_dst + i] = src[i * ld + d]: a bf16 (rows x cols) block, cols
-// even, transposed, zero-padded to ld_dst (>= rows) columns.
+// even, transposed (16 x 16 blocks of column pairs in AVX-512 registers).
+// Needs bf16_transpose_available() (AVX512-BF16, the region's target).
+bool bf16_transpose_available();
+void transpose_bf16(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
+                    int64_t ld_dst);
+
+// transpose_bf16, then zero-padded to ld_dst (>= rows) columns.
 void transpose_rows(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* dst,
                     int64_t ld_dst);
 

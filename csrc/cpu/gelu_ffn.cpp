@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
     auto t = buffer.narrow(0, 0, n), p = preact.narrow(0, r0, n);
     auto go = grad_out.narrow(0, r0, n), xb = x.narrow(0, r0, n), gx = grad_x.narrow(0, r0, n);
     activation_into(p, t, act_kind, kernels);  // t = act(preact)
-    if (r0 == 0) at::mm_out(grad_w2, go.t(), t);
+    if (r0 == 0) linear_weight_grad_out_cpu(grad_w2, go, t);
     else grad_w2.addmm_(go.t(), t);
     at::mm_out(t, go, w2);  // t = the grad of act(preact), made grad_h in place
     if (kernels) {
