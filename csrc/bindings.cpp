@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/block_gemm.h"
+#include "cpu/matmul.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasttx C++/CUDA kernels";
@@ -21,6 +22,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("residual"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("rms"), py::arg("out_dtype") = py::none());
   m.def("linear_weight_grad_cpu", &fasttx::linear_weight_grad_cpu, "grad_out^T x, a linear's weight grad, CPU");
+  m.def("linear_fwd_cpu", &fasttx::linear_fwd_cpu, "x w^T + b on fasttx's CPU GEMM choice");
+  m.def("linear_bwd_cpu", &fasttx::linear_bwd_cpu, "linear backward on fasttx's CPU GEMM choice");
+  m.def("onednn_fp32_gemm_enabled", &fasttx::onednn_fp32_gemm_enabled,
+        "whether fasttx's CPU linears run fp32 GEMMs on oneDNN (cpu/matmul.h)");
+  m.def("set_onednn_fp32_gemm_enabled", &fasttx::set_onednn_fp32_gemm_enabled,
+        "the tests' switch between oneDNN and BLAS; returns the old setting");
   m.def("gelu_ffn_fwd_cpu", &fasttx::gelu_ffn_fwd_cpu, "act(x w1^T + b1) w2^T + b2, CPU");
   m.def("gelu_ffn_bwd_cpu", &fasttx::gelu_ffn_bwd_cpu, "gelu_ffn backward, CPU");
   m.def("attention_fwd_cpu", &fasttx::attention_fwd_cpu, "flash attention forward, CPU");

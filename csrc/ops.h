@@ -76,6 +76,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> norm_eager_cpu(
 at::Tensor linear_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x);
 at::Tensor& linear_weight_grad_out_cpu(at::Tensor& out, const at::Tensor& grad_out, const at::Tensor& x);
 
+// linear (cpu/linear.cpp): out = x @ w^T + b, x (M, I), w (O, I), b (O,), one
+// dtype, on cpu/matmul.h's GEMMs. The backward returns (grad_x, grad_w,
+// grad_b), each undefined unless needs_grad_x, needs_grad_w, has_bias.
+at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& w, bool needs_grad_x,
+                                                              bool needs_grad_w, bool has_bias);
+
 // gelu_ffn: out = act(x @ w1^T + b1) @ w2^T + b2, nn.Linear's layout:
 // x (M, D), w1 (H, D), b1 (H,), w2 (D2, H), b2 (D2,), all contiguous, one dtype.
 // activation is csrc/common/activation.h's Activation (0 gelu, 1 gelu_tanh,

@@ -1,6 +1,6 @@
 // gelu_ffn on the CPU: out = act(x w1^T + b1) w2^T + b2 and its backward.
-// The GEMMs are ATen's (MKL/oneDNN BLAS, transposes passed as flags, never
-// copied), with the biases as their beta term; between them run the
+// The GEMMs are cpu/matmul.h's (MKL or oneDNN, transposes passed as flags,
+// never copied), with the biases as their beta term; between them run the
 // elementwise passes of gelu_ffn_vec.h (but exact GELU's forward, which is
 // oneDNN's: see activation_into), block of tokens by block of tokens.
 // Only preact is kept for backward: act(preact) is recomputed there.
@@ -14,6 +14,7 @@
 #include "common/activation.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gelu_ffn_kernels.h"
+#include "cpu/matmul.h"
 
 namespace fasttx {
 namespace {
@@ -124,11 +125,9 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cpu(const at::Tensor& x, const a
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t n = std::min(block, m - r0);
     auto p = preact.narrow(0, r0, n), a = act.narrow(0, 0, n), o = out.narrow(0, r0, n);
-    if (b1) at::addmm_out(p, *b1, x.narrow(0, r0, n), w1.t());
-    else at::mm_out(p, x.narrow(0, r0, n), w1.t());
+    gemm_bias_out(p, x.narrow(0, r0, n), w1.t(), b1);
     activation_into(p, a, act_kind, kernels);
-    if (b2) at::addmm_out(o, *b2, a, w2.t());
-    else at::mm_out(o, a, w2.t());
+    gemm_bias_out(o, a, w2.t(), b2);
   }
   return {out, preact};
 }
@@ -164,16 +163,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
                                    : at::Tensor();
   // Blocks in row order, each summed into the weight and bias grads in turn:
   // the same order on every run. The first block writes the weight grads,
-  // later ones add to them. Not zeros plus addmm_: ATen's in-place addmm_ ran
-  // these GEMMs ~40% slower than mm_out here (MKL, AMD EPYC).
+  // later ones add to them. Not zeros plus an accumulating GEMM: MKL's
+  // in-place addmm_ ran these GEMMs ~40% slower than mm_out (AMD EPYC).
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t n = std::min(block, m - r0);
     auto t = buffer.narrow(0, 0, n), p = preact.narrow(0, r0, n);
     auto go = grad_out.narrow(0, r0, n), xb = x.narrow(0, r0, n), gx = grad_x.narrow(0, r0, n);
     activation_into(p, t, act_kind, kernels);  // t = act(preact)
     if (r0 == 0) linear_weight_grad_out_cpu(grad_w2, go, t);
-    else grad_w2.addmm_(go.t(), t);
-    at::mm_out(t, go, w2);  // t = the grad of act(preact), made grad_h in place
+    else gemm_out(grad_w2, go.t(), t, /*accumulate=*/true);
+    gemm_out(t, go, w2);  // t = the grad of act(preact), made grad_h in place
     if (kernels) {
       kernels->backward(t, p, at::Tensor(), grad_b1_block, partial, act_kind);
     } else {
@@ -181,9 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
       if (has_b1) grad_b1_block.copy_(t.sum(0, false, acc));
     }
     if (has_b1) grad_b1.add_(grad_b1_block);
-    if (r0 == 0) at::mm_out(grad_w1, t.t(), xb);
-    else grad_w1.addmm_(t.t(), xb);
-    at::mm_out(gx, t, w1);
+    gemm_out(grad_w1, t.t(), xb, /*accumulate=*/r0 > 0);
+    gemm_out(gx, t, w1);
   }
   auto grad_b2 = has_b2 ? grad_out.sum(0, false, acc).to(x.scalar_type()) : at::Tensor();
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};

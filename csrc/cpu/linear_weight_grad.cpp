@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/block_gemm.h"
+#include "cpu/matmul.h"
 
 namespace fasttx {
 namespace {
@@ -44,7 +45,7 @@ at::Tensor transposed(const at::Tensor& grad_out) {
 
 at::Tensor& linear_weight_grad_out_cpu(at::Tensor& out, const at::Tensor& grad_out, const at::Tensor& x) {
   if (transposes_first(grad_out, x)) return at::mm_out(out, transposed(grad_out), x);
-  return at::mm_out(out, grad_out.t(), x);
+  return gemm_out(out, grad_out.t(), x);
 }
 
 at::Tensor linear_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x) {

@@ -5,7 +5,8 @@ One set of parameters, two ways to compute with it, picked by
 
 - ``"fused"``: fasttx's kernels, through ``fasttx.nn.TransformerBlock``
   (flash attention, the fused GELU FFN, residual adds fused into LayerNorm),
-  and fasttx.cross_entropy for the loss;
+  and fasttx.cross_entropy for the loss; its linears are fasttx.ops.linear,
+  which on some CPUs runs fp32 GEMMs on oneDNN rather than MKL;
 - ``"eager"``: plain PyTorch as a careful user writes it today: F.layer_norm,
   F.linear with F.gelu, F.scaled_dot_product_attention.
 
@@ -38,6 +39,7 @@ from fasttx.nn.recompute import autocast_dtype, autocast_operand, recomputed_act
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.cross_entropy import cross_entropy
 from fasttx.ops.gelu_ffn import gelu_ffn
+from fasttx.ops.linear import linear
 
 POSITION_ENCODINGS = ("learned", "sinusoidal")
 KERNELS = ("fused", "eager")
@@ -160,7 +162,7 @@ class GPT(torch.nn.Module):
                 # under autocast: ln_f writes the head's dtype; the weight's cast is rebuilt in backward
                 normed = add_norm(self.ln_f, branch, x, autocast_dtype(x))[0] if branch is not None \
                     else normed_operand(self.ln_f, x)
-                logits = F.linear(normed, autocast_operand(self.lm_head.weight))
+                logits = linear(normed, autocast_operand(self.lm_head.weight))
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:

@@ -9,11 +9,11 @@ Inputs are batch-first, (batch, seq_len, d_model), as in most LMs.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.nn.recompute import autocast_operand
 from fasttx.ops.attention import scaled_dot_product_attention
+from fasttx.ops.linear import linear
 
 
 def _packed(grads, b: int, t: int, n_heads: int, head_dim: int) -> Optional[Tensor]:
@@ -98,14 +98,14 @@ class MultiheadSelfAttention(torch.nn.Module):
         batch, seq, _ = x.shape
         # Under autocast the casts are made here, where recomputed_activations() can rebuild them.
         operand = autocast_operand
-        qkv = F.linear(operand(x), operand(self.in_proj_weight), operand(self.in_proj_bias))
+        qkv = linear(operand(x), operand(self.in_proj_weight), operand(self.in_proj_bias))
         q, k, v = split_heads(qkv, self.n_heads)
         out = scaled_dot_product_attention(q, k, v, attn_mask, self.dropout if self.training else 0.0,
                                            self.is_causal and attn_mask is None)
         # q is a view of (batch, seq_len, heads, head_dim) memory, so the attention lays out its
         # output the same way: merging the heads is a view, which out_proj saves at no cost.
         merged = out.transpose(1, 2).reshape(batch, seq, self.d_model)
-        return F.linear(merged, operand(self.out_proj.weight), operand(self.out_proj.bias))
+        return linear(merged, operand(self.out_proj.weight), operand(self.out_proj.bias))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, bias={self.in_proj_bias is not None}, "
