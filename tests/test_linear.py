@@ -144,3 +144,18 @@ def test_environment_switch(setting):
         return
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(setting == "onednn")]
+
+
+def test_cpu_entry_points_name_bad_input():
+    """fasttx._C's linear functions (called directly, not through F.linear's own checks) say what is wrong."""
+    skip_unless_runnable("cpu", "cpu")
+    from fasttx import _C
+    x, w = torch.randn(8, 16), torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match=r"linear_fwd_cpu: weight must have shape \(out_features, 16\)"):
+        _C.linear_fwd_cpu(x, torch.randn(4, 15), None)
+    with pytest.raises(RuntimeError, match=r"linear_fwd_cpu: bias must be \(4,\)"):
+        _C.linear_fwd_cpu(x, w, torch.randn(5))
+    with pytest.raises(RuntimeError, match=r"linear_fwd_cpu: x must be 2-D"):
+        _C.linear_fwd_cpu(torch.randn(2, 8, 16), w, None)
+    with pytest.raises(RuntimeError, match=r"linear_bwd_cpu: grad_out must have shape \(8, 4\)"):
+        _C.linear_bwd_cpu(torch.randn(8, 5), x, w, True, True, False)

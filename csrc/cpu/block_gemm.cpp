@@ -44,11 +44,7 @@ bool block_gemm_by_default() {
     case GemmChoice::kBlas: return false;
     default: break;
   }
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return !__builtin_cpu_is("intel");
-#else
-  return true;
-#endif
+  return !cpu_is_intel();
 }
 
 // Decided on first use, so that a bad FASTTX_ATTENTION_GEMM raises there, not at load time.

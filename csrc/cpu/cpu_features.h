@@ -34,6 +34,18 @@ inline CpuIsa cpu_isa() {
 #endif
 }
 
+// Whether the CPU is Intel's: MKL, ATen's fp32 BLAS, runs its tuned kernels
+// there only, so the attention (cpu/block_gemm.h) and the linears
+// (cpu/matmul.h) keep MKL on Intel CPUs and take other GEMMs elsewhere.
+inline bool cpu_is_intel() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // Whether an output of this many bytes is written with streaming stores (see
 // cpu/vec/io.h). They skip reading each destination line before overwriting
 // it and bypass the cache: right for outputs the cache cannot hold, wrong for

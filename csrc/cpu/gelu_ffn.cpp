@@ -1,6 +1,6 @@
 // gelu_ffn on the CPU: out = act(x w1^T + b1) w2^T + b2 and its backward.
-// The GEMMs are cpu/matmul.h's (MKL or oneDNN, transposes passed as flags,
-// never copied), with the biases as their beta term; between them run the
+// The GEMMs are cpu/matmul.h's (MKL with transposes passed as flags, or
+// oneDNN), with the biases as their accumulated C; between them run the
 // elementwise passes of gelu_ffn_vec.h (but exact GELU's forward, which is
 // oneDNN's: see activation_into), block of tokens by block of tokens.
 // Only preact is kept for backward: act(preact) is recomputed there.

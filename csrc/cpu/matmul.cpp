@@ -29,11 +29,7 @@ bool onednn_by_default() {
     if (std::strcmp(v, "blas") == 0) return false;
     TORCH_CHECK(false, "FASTTX_CPU_GEMM must be 'onednn' or 'blas', got '", v, "'");
   }
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return cpu_isa() == CpuIsa::kAvx512 && !__builtin_cpu_is("intel");
-#else
-  return false;
-#endif
+  return cpu_isa() == CpuIsa::kAvx512 && !cpu_is_intel();
 }
 
 // Decided on first use, so that a bad FASTTX_CPU_GEMM raises there, not at load time.

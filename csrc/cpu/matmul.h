@@ -32,8 +32,9 @@ bool set_onednn_fp32_gemm_enabled(bool enabled);
 // out = a @ b, or out += a @ b when accumulate. 2-D operands, any of them a
 // transposed view; out contiguous.
 at::Tensor& gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
-// out = a @ b + bias (broadcast over rows), bias of out's dtype, rounded once
-// as in at::addmm.
+// out = a @ b + bias (broadcast over rows), bias of out's dtype, taken in as
+// the GEMM's accumulated C as at::addmm does (so bf16 is rounded once; fp32 on
+// oneDNN adds each reduction chunk to it in turn).
 at::Tensor& gemm_bias_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                           const std::optional<at::Tensor>& bias);
 
