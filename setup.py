@@ -1,106 +1,100 @@
-"""Builds fasttx and its one C++/CUDA extension, fasttx._C.
+"""Builds fasttx. pyproject.toml declares the build; this file holds what cannot be static.
 
+By default the wheel is pure Python and ships the C++/CUDA sources: fasttx
+compiles its extension, fasttx._C, on first use against the torch it runs
+under, and caches it (fasttx/extension.py). So `pip install .` works with
+build isolation, where no torch is importable, and the extension always
+matches the user's torch.
+
+FASTTX_BUILD_EXTENSION=1 compiles fasttx._C now instead, against the torch
+of the build environment, so use it with `--no-build-isolation`:
+    FASTTX_BUILD_EXTENSION=1 pip install --no-build-isolation -e .
 The CPU kernels (csrc/cpu) are always compiled. The CUDA kernels (csrc/cuda)
-are compiled when torch was built with CUDA and nvcc is found; set
-FASTTX_BUILD_CUDA=0 or 1 to force the choice. CUDA targets default to sm_80
-and sm_90 and follow TORCH_CUDA_ARCH_LIST when it is set.
-FASTTX_BUILD_EXTENSION=0 builds no extension at all: fasttx then runs its
-triton and torch backends only.
+are compiled when torch was built with CUDA and a toolkit of the same major
+version is found (else the build says why it skipped them); FASTTX_BUILD_CUDA=0
+or 1 forces the choice. CUDA targets default to sm_80 and sm_90 and follow
+TORCH_CUDA_ARCH_LIST when it is set.
 """
-import glob
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
-def _want_cuda():
-    forced = os.environ.get("FASTTX_BUILD_CUDA")
-    if forced not in (None, "", "0", "1"):
+def _recipe():
+    # fasttx/_build.py by path: importing the fasttx package would import torch.
+    spec = importlib.util.spec_from_file_location("fasttx_build", os.path.join(ROOT, "fasttx", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flag(name, default):
+    value = os.environ.get(name, "") or default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _cuda_home(recipe, torch):
+    forced = os.environ.get("FASTTX_BUILD_CUDA", "")
+    if forced not in ("", "0", "1"):
         raise ValueError(f"FASTTX_BUILD_CUDA must be 0 or 1, got {forced!r}")
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script in
-    # /usr/local/bin makes that guess /usr/local, which has no CUDA headers.
-    toolkit = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
-    found = torch.version.cuda is not None and toolkit
-    if forced == "1" and not found:
-        raise RuntimeError(
-            "FASTTX_BUILD_CUDA=1 but cannot build CUDA: "
-            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME} "
-            "(set CUDA_HOME to the toolkit, e.g. /usr/local/cuda)"
-        )
-    return found if forced is None or forced == "" else forced == "1"
+    if forced == "0":
+        print("fasttx: CUDA kernels skipped: FASTTX_BUILD_CUDA=0", file=sys.stderr)
+        return None
+    home, why = recipe.cuda_plan(torch.version.cuda)
+    if home is None:
+        if forced == "1":
+            raise RuntimeError(f"FASTTX_BUILD_CUDA=1 but CUDA cannot be built: {why}")
+        print(f"fasttx: CUDA kernels skipped: {why}", file=sys.stderr)
+    return home
 
 
-def _cuda_include_dirs():
-    # /usr/local/cuda may lack the cuBLAS/cuSPARSE headers that ATen's CUDA
-    # headers include; the pip wheels of nvidia-* ship them in site-packages.
-    import site
+def _ahead_of_time():
+    """(ext_modules, cmdclass) for FASTTX_BUILD_EXTENSION=1."""
+    try:
+        import torch
+    except ImportError as e:
+        raise RuntimeError("FASTTX_BUILD_EXTENSION=1 compiles against the installed torch, and none is importable "
+                           f"({e}): install torch first and build with `pip install --no-build-isolation`") from e
+    recipe = _recipe()
+    cuda_home = _cuda_home(recipe, torch)
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # cpp_extension reads it when first imported
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    dirs = []
-    for base in site.getsitepackages():
-        dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
-    return [d for d in dirs if os.path.isdir(d)]
-
-
-def _cublaslt_link():
-    # gelu_ffn calls cuBLASLt; the nvidia-* wheels ship only libcublasLt.so.N, so link it by file name.
-    import site
-
-    for base in site.getsitepackages():
-        for lib in sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcublasLt.so.*"))):
-            return [os.path.dirname(lib)], [":" + os.path.basename(lib)]
-    return [], ["cublasLt"]
-
-
-def _extensions():
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
-    if os.environ.get("FASTTX_BUILD_EXTENSION", "1") == "0":
-        return []
-
-    cxx_flags = ["-O3", "-fopenmp"]
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    if not _want_cuda():
-        return [CppExtension("fasttx._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    cublaslt_dirs, cublaslt = _cublaslt_link()
-    return [CUDAExtension(
-        "fasttx._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        include_dirs=include_dirs + _cuda_include_dirs(),
-        define_macros=[("FASTTX_WITH_CUDA", "1")],
-        library_dirs=cublaslt_dirs,
-        libraries=cublaslt,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--threads", "0"]},
-        extra_link_args=["-fopenmp"],
-    )]
+    csrc = os.path.join(ROOT, "csrc")
+    sources = [os.path.relpath(f, ROOT) for f in recipe.sources(Path(csrc), cuda_home is not None)]
+    common = dict(include_dirs=[csrc], extra_link_args=recipe.LINK_FLAGS)
+    if cuda_home is None:
+        ext = CppExtension("fasttx._C", sources, extra_compile_args={"cxx": recipe.CXX_FLAGS}, **common)
+    else:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", recipe.DEFAULT_CUDA_ARCHS)
+        lib_dirs, libs = recipe.cublaslt_link()
+        common["include_dirs"] = common["include_dirs"] + recipe.wheel_cuda_include_dirs()
+        ext = CUDAExtension("fasttx._C", sources, define_macros=[("FASTTX_WITH_CUDA", "1")], library_dirs=lib_dirs,
+                            libraries=libs, extra_compile_args={"cxx": recipe.CXX_FLAGS,
+                                                                "nvcc": recipe.NVCC_FLAGS + ["--threads", "0"]},
+                            **common)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-def _cmdclass():
-    from torch.utils.cpp_extension import BuildExtension
-
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
-
-
+ext_modules, cmdclass = _ahead_of_time() if _flag("FASTTX_BUILD_EXTENSION", "0") else ([], {})
 setup(
-    name="fasttx",
-    version="0.1.0",
-    description="Hand-written Triton, CUDA and C++ kernels for Transformers",
-    long_description=open(os.path.join(ROOT, "README.md")).read(),
-    long_description_content_type="text/markdown",
-    # Every package under fasttx/ (a hand-kept list once left fasttx.patching out), plus kernels/.
-    packages=find_packages(include=["fasttx", "fasttx.*"]) + ["fasttx.kernels"],
-    package_dir={"fasttx.kernels": "kernels"},
-    ext_modules=_extensions(),
-    cmdclass=_cmdclass(),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "bench": ["matplotlib"], "test": ["pytest"], "hf": ["transformers>=4.48"]},
+    # Every package under fasttx/ (a hand-kept list once left fasttx.patching out); kernels/ and csrc/ keep their
+    # place in the repository and install under fasttx/. Neither has an __init__.py, so neither can ever be
+    # imported as a top-level `kernels` or `csrc` that hides an installed package of that name (a regular
+    # package beats a namespace portion). In a checkout, and so in an editable install, the symlink
+    # fasttx/kernels -> ../kernels makes `fasttx.kernels` importable: setuptools' editable finder cannot
+    # map a namespace package inside a regular one.
+    packages=find_packages(include=["fasttx", "fasttx.*"]) + ["fasttx.kernels", "fasttx.csrc"],
+    package_dir={"fasttx.kernels": "kernels", "fasttx.csrc": "csrc"},
+    package_data={"fasttx.csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h", "*/*.cu", "*/*.cuh", "*/*/*.h"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -3,6 +3,9 @@
 #include "ops.h"
 
 #include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
 
 #include "cpu/block_gemm.h"
 #include "cpu/matmul.h"
@@ -14,6 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  // The torch whose headers built this module: fasttx/extension.py refuses to use it under another.
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
   m.def("bias_gelu_fwd_cpu", &fasttx::bias_gelu_fwd_cpu, "gelu(x + bias), CPU");
   m.def("bias_gelu_bwd_cpu", &fasttx::bias_gelu_bwd_cpu, "bias_gelu backward, CPU");
   m.def("layer_norm_fwd_cpu", &fasttx::layer_norm_fwd_cpu, "layer/rms/add-layer norm forward, CPU");

@@ -1,10 +1,20 @@
 """fasttx: hand-written Triton, CUDA and C++ kernels for Transformers."""
-from fasttx.backends import BACKENDS, BackendUnavailableError, use_backend
-from fasttx import nn
-from fasttx.ops import add_layer_norm, bias_gelu, cross_entropy, gelu_ffn, layer_norm, rms_norm, scaled_dot_product_attention, softmax
-from fasttx.patching import PatchReport, patch, unpatch
+import re as _re
+
+import torch as _torch
+
+TORCH_FLOOR = (2, 6)  # pyproject.toml's torch>=2.6; `make test-floor` runs the CPU tests on it
+_torch_release = tuple(int(v) for v in _re.match(r"(\d+)\.(\d+)", _torch.__version__).groups())
+if _torch_release < TORCH_FLOOR:
+    raise ImportError(f"fasttx needs torch >= {'.'.join(map(str, TORCH_FLOOR))}, but torch {_torch.__version__} is installed")
+
+from fasttx.backends import BACKENDS, BackendUnavailableError, use_backend  # noqa: E402
+from fasttx import nn  # noqa: E402
+from fasttx.ops import (add_layer_norm, bias_gelu, cross_entropy, gelu_ffn, layer_norm, rms_norm,  # noqa: E402
+                        scaled_dot_product_attention, softmax)
+from fasttx.patching import PatchReport, patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "bias_gelu", "cross_entropy", "gelu_ffn", "layer_norm",
            "add_layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax", "nn", "patch", "unpatch",
-           "PatchReport", "__version__"]
+           "PatchReport", "__version__", "TORCH_FLOOR"]

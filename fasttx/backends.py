@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+
+from fasttx import _build
+from fasttx import extension as _extension
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 AUTO = "auto"
@@ -55,22 +57,13 @@ def requested_backend() -> str:
 
 # ---- what this machine offers -------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def extension():
-    """fasttx._C, or None when it was not built. See extension_error()."""
-    try:
-        return importlib.import_module("fasttx._C")
-    except ImportError:
-        return None
+    """fasttx._C built for this torch, or None. See fasttx.extension and extension_error()."""
+    return _extension.load()[0]
 
 
-@functools.lru_cache(maxsize=None)
 def extension_error() -> Optional[str]:
-    try:
-        importlib.import_module("fasttx._C")
-        return None
-    except ImportError as e:
-        return f"fasttx._C is not importable ({e}); rebuild with `pip install --no-build-isolation -e .`"
+    return _extension.load()[1]
 
 
 def triton_interpreting() -> bool:
@@ -101,7 +94,8 @@ def _machine_reasons() -> Mapping[str, Optional[str]]:
     if ext_err:
         reasons["cuda"] = ext_err
     elif not extension().built_with_cuda:
-        reasons["cuda"] = "fasttx._C was built without CUDA (no nvcc, torch without CUDA, or FASTTX_BUILD_CUDA=0)"
+        why = _build.cuda_plan(torch.version.cuda)[1] or "FASTTX_BUILD_CUDA=0, or no CUDA device when it was built"
+        reasons["cuda"] = f"fasttx._C was built without CUDA ({why})"
     elif not torch.cuda.is_available():
         reasons["cuda"] = "no CUDA device is available"
     else:

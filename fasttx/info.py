@@ -59,7 +59,11 @@ def report() -> str:
     lines.append(f"CPU: {model}; {torch.get_num_threads()} torch threads; "
                  f"ATen capability {torch.backends.cpu.get_cpu_capability()}; flags: {' '.join(flags) or 'none'}")
     ext = backends.extension()
-    lines.append(f"fasttx._C: {'built' + (' with CUDA' if ext.built_with_cuda else ' without CUDA') if ext else 'missing'}")
+    if ext is None:
+        lines.append(f"fasttx._C: missing: {backends.extension_error()}")
+    else:
+        lines.append(f"fasttx._C: built for torch {ext.torch_version} {'with' if ext.built_with_cuda else 'without'} CUDA, "
+                     f"{ext.__file__}")
     lines.append("backends (in priority order):")
     reasons = backends.machine_reasons()
     for name in backends.BACKENDS:

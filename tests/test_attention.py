@@ -518,8 +518,8 @@ def test_split_heads_takes_the_cpu_kernels_packed_gradients_in_place():
     b, t, h, d = 2, 9, 3, 16
     qkv = torch.randn(b, t, 3 * h * d)
     q, k, v = split_heads(qkv, h)
-    out, lse = fasttx._C.attention_fwd_cpu(q, k, v, None, True, 0.25, 0.0, 0, 0)
-    grads = fasttx._C.attention_bwd_cpu(torch.randn_like(out), q, k, v, out, lse, None, True, 0.25, 0.0, 0, 0)
+    out, lse = fasttx.backends.extension().attention_fwd_cpu(q, k, v, None, True, 0.25, 0.0, 0, 0)
+    grads = fasttx.backends.extension().attention_bwd_cpu(torch.randn_like(out), q, k, v, out, lse, None, True, 0.25, 0.0, 0, 0)
     packed = _packed(grads, b, t, h, d)
     assert packed is not None and packed.data_ptr() == grads[0].data_ptr()
     assert _packed(tuple(g.contiguous() for g in grads), b, t, h, d) is None

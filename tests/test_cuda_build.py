@@ -7,11 +7,9 @@ with no register spills. A second test checks that the installed fasttx._C
 was linked with the CUDA kernels.
 """
 import glob
-import importlib
 import os
 import re
 import shutil
-import site
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -20,21 +18,21 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+from fasttx import _build, backends
+
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted(Path(p).relative_to(ROOT).as_posix() for p in glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
 ARCHS = ("sm_80", "sm_90")  # setup.py DEFAULT_CUDA_ARCHS
 # What setup.py passes for "nvcc" (less --threads, which would interleave the ptxas
 # reports of the two archs) plus what torch's BuildExtension adds to every CUDA source.
-SETUP_NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "-DFASTTX_WITH_CUDA=1"]
+SETUP_NVCC_FLAGS = _build.NVCC_FLAGS + ["-DFASTTX_WITH_CUDA=1"]
 TORCH_NVCC_FLAGS = cpp_extension.COMMON_NVCC_FLAGS + [
     "-std=c++20", "-Xcompiler", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
 
 
 def _nvcc():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    home, _ = _build.find_cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK) else None
 
 
 def _include_dirs():
@@ -42,9 +40,7 @@ def _include_dirs():
         torch_dirs = cpp_extension.include_paths(device_type="cuda")
     except TypeError:  # torch < 2.6 spelled it include_paths(cuda=True)
         torch_dirs = cpp_extension.include_paths(cuda=True)
-    # The cuBLAS/cuSPARSE headers ATen's CUDA headers pull in come from the nvidia-* wheels (see setup.py).
-    wheels = [d for base in site.getsitepackages() for d in glob.glob(os.path.join(base, "nvidia", "*", "include"))]
-    return [str(ROOT / "csrc")] + torch_dirs + [sysconfig.get_paths()["include"]] + wheels
+    return [str(ROOT / "csrc")] + torch_dirs + [sysconfig.get_paths()["include"]] + _build.wheel_cuda_include_dirs()
 
 
 def _ptxas_report(text):
@@ -103,14 +99,13 @@ def test_installed_extension_linked_cuda_kernels():
         pytest.skip("nvcc not found, so fasttx._C cannot have been built with CUDA")
     if torch.version.cuda is None:
         pytest.skip("torch was built without CUDA, so fasttx._C is CPU-only by design")
-    try:
-        ext = importlib.import_module("fasttx._C")
-    except ImportError as e:
-        pytest.fail(f"fasttx._C is not importable ({e}); rebuild with `pip install --no-build-isolation -e .`")
+    ext = backends.extension()
+    if ext is None:
+        pytest.fail(f"fasttx._C is unavailable: {backends.extension_error()}")
     if not ext.built_with_cuda:
         reason = (f"the installed fasttx._C ({ext.__file__}) is a CPU-only build (built_with_cuda is False, "
                   "e.g. built with FASTTX_BUILD_CUDA=0); rebuild with CUDA_HOME=/usr/local/cuda "
-                  "FASTTX_BUILD_CUDA=1 pip install --no-build-isolation -e . to check the CUDA link")
+                  "FASTTX_BUILD_EXTENSION=1 FASTTX_BUILD_CUDA=1 pip install --no-build-isolation -e . to check the CUDA link")
         if os.environ.get("FASTTX_BUILD_CUDA") == "1":  # CUDA was asked for: a CPU-only build is a failure
             pytest.fail(reason)
         pytest.skip(reason)
