@@ -1,28 +1,31 @@
 # The two commands of the README:
 #   make bench   runs the benchmark suite on this machine's default device
 #   make test    runs the whole test suite (what CI runs)
-# Both create .venv with the pinned development environment when it is
-# missing and (re)build fasttx into it.
+# Both create .venv from the lock file requirements-dev.lock when it is missing
+# or the lock changed, and (re)build fasttx into it with its extension compiled
+# ahead of time. Others:
+#   make lock        resolves requirements-dev.in anew, runs `make test` on it, and
+#                    rewrites requirements-dev.lock only if that passes
+#   make test-floor  builds fasttx on the lowest torch it supports and runs the CPU tests
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export TRITON_DEFAULT_FP_FUSION ?= 1
-# Pinned dev environment. torch 2.14.1 is the CUDA 13.0 build: it runs on a
-# CPU and lets the CUDA extension compile and link without a GPU.
-DEV_REQUIREMENTS := torch==2.14.1 ninja numpy pybind11 pytest matplotlib tqdm transformers
+LOCK := requirements-dev.lock
 
-.PHONY: test bench build clean
+.PHONY: test bench build clean lock test-floor
 
-$(VENV)/.deps-stamp:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -U pip setuptools wheel
-	$(PY) -m pip install $(DEV_REQUIREMENTS)
+# --no-deps: the lock holds every package, so nothing unpinned can slip in; pip check proves it complete.
+$(VENV)/.deps-stamp: $(LOCK)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip check
 	touch $@
 
 build: $(VENV)/.deps-stamp
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	FASTTX_BUILD_EXTENSION=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 
 # The AOT rung (ptxas on every Triton config, ~10 minutes cold) runs beside the rest of the suite:
 # each is mostly one thread, and together they fit CI's 25 minutes on 2 cores. Its report is printed
@@ -43,6 +46,33 @@ test: build
 bench: build
 	$(PY) -m bench
 	$(PY) -m fasttx compare --quick
+
+LOCK_VENV := build/lock-venv
+lock:
+	$(PYTHON) -m venv --clear $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q -U pip setuptools wheel
+	$(LOCK_VENV)/bin/pip install -q -r requirements-dev.in
+	@mkdir -p build
+	{ sed -n '1,2p' $(LOCK) | sed "s/^# Resolved and tested .*/# Resolved and tested $$(date +%F) on Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), Linux x86-64./"; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -v -i '^fasttx'; } > build/candidate.lock
+	touch $(LOCK_VENV)/.deps-stamp
+	$(MAKE) test VENV=$(LOCK_VENV)
+	cp build/candidate.lock $(LOCK)
+	@echo "== $(LOCK) rewritten; the next make test rebuilds .venv from it =="
+
+# The floor of pyproject.toml's torch>=2.6, in its own venv and its own copy of the sources, so that its
+# in-place build of fasttx._C never touches .venv's. CPU only: that torch is a CUDA 12 build and nvcc here is 13.
+FLOOR_TORCH := 2.6.0
+FLOOR := build/floor
+test-floor:
+	$(PYTHON) -m venv --clear $(FLOOR)/venv
+	$(FLOOR)/venv/bin/pip install -q -U pip setuptools wheel
+	$(FLOOR)/venv/bin/pip install -q torch==$(FLOOR_TORCH) numpy ninja pytest
+	rm -rf $(FLOOR)/src && mkdir -p $(FLOOR)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -d --parents -t $(FLOOR)/src
+	cd $(FLOOR)/src && FASTTX_BUILD_EXTENSION=1 FASTTX_BUILD_CUDA=0 ../venv/bin/pip install --no-build-isolation --no-deps -e .
+	cd $(FLOOR)/src && ../venv/bin/python -m pytest tests -ra -q -p no:cacheprovider --ignore=tests/test_triton_aot.py \
+		--ignore=tests/test_triton_aot_cross_entropy.py --ignore=tests/test_cuda_build.py
 
 clean:
 	rm -rf build fasttx/_C*.so *.egg-info
