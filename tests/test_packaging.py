@@ -241,3 +241,31 @@ def test_the_extension_in_use_matches_this_torch():
         pytest.fail(f"fasttx._C is unavailable: {fasttx.backends.extension_error()}")
     assert module.torch_version == extension.torch_release()
     assert sys.modules["fasttx._C"] is module
+
+
+def test_the_just_in_time_build_compiles_every_source_once_per_torch(tmp_path, monkeypatch, capsys):
+    """What build_just_in_time asks of cpp_extension.load (the compile itself runs in the torch 2.11 and floor checks)."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def fake_load(**kwargs):
+        calls.append(kwargs)
+        (Path(kwargs["build_directory"]) / "fasttx_C.so").write_bytes(b"")
+        return "module"
+
+    monkeypatch.setenv("FASTTX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(extension, "_jit_cuda_plan", lambda: (None, "no CUDA device is available"))
+    assert extension.build_just_in_time() == "module"
+    (call,) = calls
+    csrc = ROOT / "csrc"
+    assert sorted(call["sources"]) == sorted(str(p) for p in list((csrc / "cpu").glob("*.cpp")) + [csrc / "bindings.cpp"])
+    assert call["with_cuda"] is False and call["extra_cflags"] == ["-O3", "-fopenmp"] and str(csrc) in call["extra_include_paths"]
+    build_dir = Path(call["build_directory"])
+    assert build_dir.parent == tmp_path and build_dir.name.startswith(f"torch-{torch.__version__}-")
+    assert (build_dir / "built").read_text().strip() == torch.__version__
+    assert "compiling its C++ (CPU only: no CUDA device is available) extension" in capsys.readouterr().err
+    # The next process finds the marker and imports the cached build without compiling.
+    monkeypatch.setattr(extension, "_import_built", lambda so: f"imported {so.name}")
+    assert extension.build_just_in_time() == "imported fasttx_C.so" and len(calls) == 1
