@@ -30,6 +30,14 @@ TORCH_NVCC_FLAGS = cpp_extension.COMMON_NVCC_FLAGS + [
     "-std=c++20", "-Xcompiler", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
 
 
+# fp32 instructions that --use_fast_math substitutes for accurate math: tanh.approx.f32 for tanhf
+# (2^-11 relative, far outside fp32's 2x-of-PyTorch rule), div.approx/div.full for a / b, and
+# sqrt.approx for sqrtf. ex2.approx, rcp.approx and rsqrt.approx are not in the list: the accurate
+# library functions use them inside their own refinements, and the code asks for __expf and rsqrtf
+# by name where their few ulp are covered.
+UNWANTED_APPROXIMATIONS = re.compile(r"\b(?:tanh|div|sqrt)\.approx(?:\.ftz)?\.f32\b|\bdiv\.full(?:\.ftz)?\.f32\b")
+
+
 def _nvcc():
     home, _ = _build.find_cuda_home()
     return os.path.join(home, "bin", "nvcc") if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK) else None
@@ -74,7 +82,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(cu_file, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]  # both archs in one nvcc call
-    cmd = ([nvcc, "-c", str(ROOT / cu_file), "-o", str(tmp_path / "out.o"), "-Xptxas", "-v"]
+    cmd = ([nvcc, "-c", str(ROOT / cu_file), "-o", str(tmp_path / "out.o"), "-Xptxas", "-v", "-keep", "-keep-dir", str(tmp_path)]
            + gencode + TORCH_NVCC_FLAGS + SETUP_NVCC_FLAGS + [f"-I{d}" for d in _include_dirs()])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"nvcc failed on {cu_file}:\n{proc.stderr[-6000:]}"
@@ -92,6 +100,12 @@ def test_kernels_compile_for_sm80_sm90_without_spills(cu_file, tmp_path):
     assert not incomplete, f"could not read ptxas registers/spills for: {incomplete}\n{proc.stderr[-3000:]}"
     spilling = [f"{names[k]} for {a}: {r}" for (k, a), r in report.items() if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, "kernels spill registers:\n" + "\n".join(spilling)
+
+    ptx = sorted(tmp_path.glob("*.ptx"))
+    assert len(ptx) == len(ARCHS), f"nvcc -keep left {[p.name for p in ptx]}"
+    found = {f"{p.name}: {m}" for p in ptx for m in UNWANTED_APPROXIMATIONS.findall(p.read_text())}
+    assert not found, (f"{cu_file} compiles to approximate instructions that fp32 results cannot afford "
+                       f"(a fast-math flag, or a __ intrinsic): {sorted(found)}")
 
 
 def test_installed_extension_linked_cuda_kernels():
