@@ -134,6 +134,27 @@ class Implementation:
     backward: Callable
     why_not: Callable[..., Optional[str]]
 
+    def __post_init__(self):
+        if self.backend == "triton":
+            object.__setattr__(self, "forward", on_tensors_device(self.forward))
+            object.__setattr__(self, "backward", on_tensors_device(self.backward))
+
+
+def on_tensors_device(launch: Callable) -> Callable:
+    """``launch`` run with its first tensor's CUDA device current.
+
+    Triton launches on the current device, not on the tensors' (the C++ kernels enter a
+    CUDAGuard): tensors on cuda:1 while cuda:0 is current would fault or run on the wrong GPU.
+    """
+    @functools.wraps(launch)
+    def run(*args):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None or device.type != "cuda" or device.index == torch.cuda.current_device():
+            return launch(*args)
+        with torch.cuda.device(device):
+            return launch(*args)
+    return run
+
 
 def device_reason(backend: str, device: torch.device) -> Optional[str]:
     """The device rule shared by all ops: which tensors each backend takes."""
@@ -155,10 +176,16 @@ def device_only(backend: str) -> Callable[..., Optional[str]]:
     return lambda x, *rest: device_reason(backend, x.device)
 
 
-def triton_why_not(x: torch.Tensor, *rest) -> Optional[str]:
-    """The why_not of the Triton kernels: CUDA tensors (or the interpreter's CPU ones) up to float32."""
-    return device_reason("triton", x.device) or (
-        "the triton kernels take float16, bfloat16 or float32, got float64" if x.dtype == torch.float64 else None)
+def up_to_float32(backend: str) -> Callable[..., Optional[str]]:
+    """The why_not of kernels that serve their device's float16, bfloat16 and float32, not float64."""
+    def why_not(x: torch.Tensor, *rest) -> Optional[str]:
+        return device_reason(backend, x.device) or (
+            f"the {backend} kernels take float16, bfloat16 or float32, got float64" if x.dtype == torch.float64 else None)
+    return why_not
+
+
+# The Triton kernels: CUDA tensors (or the interpreter's CPU ones) up to float32.
+triton_why_not = up_to_float32("triton")
 
 
 class BackendUnavailableError(RuntimeError):

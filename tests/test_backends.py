@@ -70,3 +70,44 @@ def test_info_lists_every_backend_with_a_reason():
     assert "torch 2." in out and "CPU:" in out
     if not torch.cuda.is_available():
         assert "unavailable: " in out
+
+
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device; a triton Implementation enters the tensors' own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    seen = []
+    impl = backends.Implementation("triton", lambda *a: seen.append("fwd"), lambda *a: seen.append("bwd"),
+                                   backends.triton_why_not)
+    with FakeTensorMode():
+        on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    impl.forward(3, on_1)
+    impl.backward(on_0)
+    impl.forward(torch.empty(2))
+    assert seen == ["fwd", "bwd", "fwd"] and entered == [torch.device("cuda:1")]
+    cpu = backends.Implementation("cpu", len, len, backends.device_only("cpu"))
+    assert cpu.forward is len  # the C++ kernels guard the device themselves
+
+
+@pytest.mark.gpu
+def test_triton_on_a_second_gpu():
+    if torch.cuda.device_count() < 2 or backends.machine_reasons()["triton"]:
+        pytest.skip("needs two CUDA devices and triton")
+    x, b = torch.randn(64, 96, device="cuda:1"), torch.randn(96, device="cuda:1")
+    with torch.cuda.device(0), fasttx.use_backend("triton"):
+        y = fasttx.bias_gelu(x, b)
+    torch.testing.assert_close(y, torch.nn.functional.gelu(x + b))

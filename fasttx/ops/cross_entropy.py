@@ -71,11 +71,6 @@ def _cuda_backward(*args):
     return backends.extension().cross_entropy_bwd_cuda(*args)
 
 
-def _cuda_why_not(x, *rest):
-    return backends.device_reason("cuda", x.device) or (
-        "the cuda kernels take float16, bfloat16 or float32, got float64" if x.dtype == torch.float64 else None)
-
-
 def _triton_forward(*args):
     from fasttx.kernels import cross_entropy as k
     return k.cross_entropy_forward(*args)
@@ -88,7 +83,7 @@ def _triton_backward(*args):
 
 IMPLEMENTATIONS = (
     backends.Implementation("triton", _triton_forward, _triton_backward, backends.triton_why_not),
-    backends.Implementation("cuda", _cuda_forward, _cuda_backward, _cuda_why_not),
+    backends.Implementation("cuda", _cuda_forward, _cuda_backward, backends.up_to_float32("cuda")),
     backends.Implementation("cpu", _cpu_forward, _cpu_backward, backends.device_only("cpu")),
     backends.Implementation("torch", _torch_forward, _torch_backward, backends.device_only("torch")),
 )
@@ -173,6 +168,12 @@ def _check(input, target, ignore_index, reduction):
         return  # a data-dependent check would break the graph. Then the cpu kernel raises on a bad target,
         # and the triton and cuda kernels read nothing for it and give its row NaN.
     bad = ((target < 0) | (target >= input.shape[1])) & (target != ignore_index)
+    if not target.is_cpu:
+        # bad.any() in Python would wait for the GPU on every call and break CUDA-graph capture; a
+        # device-side assert fails asynchronously, as torch's own cross_entropy does on CUDA.
+        torch._assert_async(~bad.any(), f"fasttx.{_OP}: a target is neither a class index in "
+                                        f"[0, {input.shape[1]}) nor ignore_index ({ignore_index})")
+        return
     if bad.any():
         first = int(bad.nonzero()[0, 0])
         raise ValueError(f"fasttx.{_OP}: target[{first}] = {int(target[first])} is not a class index in "
