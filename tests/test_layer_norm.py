@@ -71,6 +71,34 @@ def test_layouts_and_awkward_inputs(device, backend, op, layout):
     check_against_reference(device, backend, op, make[layout](), affine=layout != "no_affine")
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("rows", [5, 0])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bias_without_weight(device, backend, op, rows, compiled):
+    """F.layer_norm(x, shape, None, bias): the torch backend's backward and fake once assumed a weight."""
+    skip_unless_runnable(device, backend)
+    torch.manual_seed(0)
+    x = torch.randn(rows, 33, device=device)
+    r = torch.randn_like(x) if op == "add_layer_norm" else None
+    b = torch.randn(33, device=device)
+    grads = [torch.randn_like(x) for _ in range(2)]
+    fn = _fasttx(op)
+    if compiled:
+        torch._dynamo.reset()  # the lambda's cache holds an entry per device and backend: past 8, fullgraph fails
+        fn = torch.compile(fn, fullgraph=True)
+    with fasttx.use_backend(backend):
+        outs, in_grads = _run(fn, [x, r, None, b], grads)
+    truth_outs, truth_grads = _run(_torch(op), [x, r, None, b], grads, cast=torch.float64)
+    torch_outs, torch_grads = _run(_torch(op), [x, r, None, b], grads)
+    for o, t, p in zip(outs, truth_outs, torch_outs):
+        assert_within_torch_error(o, t, p, factor=2, what=f"{op} {backend} output")
+    for name, o, t, p in zip("x residual weight bias".split(), in_grads, truth_grads, torch_grads):
+        if t is not None:
+            assert o is not None and o.dtype == p.dtype, name
+            assert_within_torch_error(o, t, p, factor=3, what=f"{op} {backend} grad {name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rms_norm_default_eps_is_the_dtype_epsilon(dtype):
     x = torch.randn(4, 1, dtype=dtype)  # N = 1: the eps term dominates mean(x^2) for small x

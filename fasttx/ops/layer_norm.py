@@ -68,6 +68,11 @@ def _torch_forward(x, residual, weight, bias, eps, rms):
     return y.to(x.dtype), (s if residual is not None else None), mean, rstd
 
 
+def _param_dtype(weight, s):
+    """The dtype of grad_bias: weight's, or the input's when there is a bias but no weight."""
+    return weight.dtype if weight is not None else s.dtype
+
+
 def _torch_backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms):
     acc = rstd.dtype
     sa, gy = s.to(acc), grad_y.to(acc)
@@ -79,7 +84,7 @@ def _torch_backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms):
     if grad_s is not None:
         grad_input = grad_input + grad_s.to(acc)
     grad_weight = (gy * xhat).sum(0).to(weight.dtype) if weight is not None else None
-    grad_bias = gy.sum(0).to(weight.dtype) if has_bias else None
+    grad_bias = gy.sum(0).to(_param_dtype(weight, s)) if has_bias else None
     return grad_input.to(s.dtype), grad_weight, grad_bias
 
 
@@ -147,7 +152,7 @@ def _norm_backward(grad_y: Tensor, grad_s: Optional[Tensor], s: Tensor, mean: Op
     if s.numel() == 0:
         grad_input = s.new_empty(s.shape)
         grad_weight = torch.zeros_like(weight) if weight is not None else _empty(s)
-        return grad_input, grad_weight, (torch.zeros_like(weight) if has_bias else _empty(s))
+        return grad_input, grad_weight, (s.new_zeros(s.shape[1:], dtype=_param_dtype(weight, s)) if has_bias else _empty(s))
     # Autograd hands over grads of any layout (a stride-0 expand from .sum(), say).
     grad_y = grad_y.contiguous()
     grad_s = grad_s.contiguous() if grad_s is not None else None
@@ -182,7 +187,7 @@ def _norm_backward_op(grad_y: Tensor, grad_s: Optional[Tensor], s: Tensor, mean:
 @_norm_backward_op.register_fake
 def _(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms, backend):
     grad_weight = weight.new_empty(weight.shape) if weight is not None else _empty(s)
-    grad_bias = weight.new_empty(weight.shape) if has_bias else _empty(s)
+    grad_bias = s.new_empty(s.shape[1:], dtype=_param_dtype(weight, s)) if has_bias else _empty(s)
     return s.new_empty(s.shape), grad_weight, grad_bias
 
 
