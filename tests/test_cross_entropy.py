@@ -1,4 +1,7 @@
 """cross_entropy (an LM's loss over (tokens, vocab) logits) against PyTorch on every backend it has."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +25,7 @@ def _run(fn, x, target, grad, **kw):
 
 def check_against_reference(backend, x, target, reduction="mean", ignore_index=-100):
     kw = dict(ignore_index=ignore_index, reduction=reduction)
-    grad = torch.rand(x.shape[0] if reduction == "none" else (), dtype=torch.float64) + 0.5
+    grad = torch.rand(x.shape[0] if reduction == "none" else (), dtype=torch.float64, device=x.device) + 0.5
     run = lambda fn, dt: _run(fn, x.to(dt), target, grad.to(dt), **kw)
     with fasttx.use_backend(backend):
         got = run(fasttx.cross_entropy, x.dtype)
@@ -155,3 +158,29 @@ def test_opcheck():
     x = torch.randn(4, 9)
     target = torch.tensor([1, -100, 8, 0])
     torch.library.opcheck(torch.ops.fasttx.cross_entropy_forward, (x, target, -100, "auto"))
+
+
+def test_the_target_check_never_waits_for_a_gpu():
+    """On a GPU the check is a device-side assert: no bad.any() in Python, which would synchronise
+    every call and break CUDA-graph capture. A fake CUDA tensor has no data, so any Python-side
+    look at the targets would raise here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fasttx.ops.cross_entropy import _check
+    with FakeTensorMode():
+        logits = torch.empty(4, 10, device="cuda")
+        target = torch.zeros(4, dtype=torch.long, device="cuda")
+        _check(logits, target, -100, "mean")
+
+
+@pytest.mark.gpu
+def test_a_bad_target_on_a_gpu_fails_the_device_side_assert():
+    if not torch.cuda.is_available():
+        pytest.skip("GPU test (rung e): no CUDA device on this machine")
+    # A device-side assert poisons the CUDA context, so it runs in its own process.
+    script = ("import torch, fasttx\n"
+              "loss = fasttx.cross_entropy(torch.randn(2, 3, device='cuda'), torch.tensor([0, 7], device='cuda'))\n"
+              "torch.cuda.synchronize()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, "a target of 7 among 3 classes passed on the GPU"
+    assert "neither a class index" in out.stderr or "device-side assert" in out.stderr, out.stderr[-2000:]
