@@ -78,7 +78,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, MASK_H, rows, row_ok, ds, d_ok, lo, hi, T
             kt = tl.load(K + cols[None, :] * D + ds[:, None], mask=kt_mask, other=0.0)
         s = tl.dot(q, _dot_operand(kt, UPCAST_DOT), input_precision="ieee") * qk_scale
         if HAS_MASK:
-            bias = tl.load(MASK_H + rows[:, None] * stride_mm + cols[None, :],
+            bias = tl.load(MASK_H + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             s += bias * LOG2E
         if MASKED:
@@ -106,6 +106,11 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, MASK_H, rows, row_ok, ds, d_ok, lo, hi, T
     return acc, l_i, m_i
 
 
+# Values that change from call to call: Triton turns an int argument equal to 1 into a constant, which
+# would recompile for that value and break philox's bitcasts of a constant (_u32).
+_RUNTIME_INTS = ["seed_lo", "seed_hi", "offset", "threshold"]
+
+
 @triton.jit
 def _program_block(n_blocks):
     """(block index, batch * head) of this program in a 1-D grid of n_blocks * heads programs.
@@ -115,7 +120,7 @@ def _program_block(n_blocks):
     return n_blocks - 1 - pid % n_blocks, pid // n_blocks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd_kernel(Q, K, V, MASK, OUT, LSE, stride_mb, stride_mh, stride_mm, Hq, Tq, Tk, D, group, qk_scale,
                      seed_lo, seed_hi, offset, threshold, out_scale,
                      IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -195,7 +200,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, MASK_H, LSE, DELTA, cols, col_ok, ds, d
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, qt, input_precision="ieee") * qk_scale
         if HAS_MASK:
-            bias = tl.load(MASK_H + rows[None, :] * stride_mm + cols[:, None],
+            bias = tl.load(MASK_H + rows.to(tl.int64)[None, :] * stride_mm + cols[:, None],
                            mask=row_ok[None, :] & col_ok[:, None], other=0.0)
             st += bias * LOG2E
         pt = tl.exp2(st - lse2[None, :])
@@ -215,7 +220,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, MASK_H, LSE, DELTA, cols, col_ok, ds, d
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV, stride_mb, stride_mh, stride_mm, Hq, Tq, Tk, D,
                           group, qk_scale, sm_scale, seed_lo, seed_hi, offset, threshold, drop_scale,
                           IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -291,7 +296,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, MASK_H, rows, row_ok, ds, d_ok, 
         kt = _dot_operand(kt, UPCAST_DOT)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         if HAS_MASK:
-            bias = tl.load(MASK_H + rows[:, None] * stride_mm + cols[None, :],
+            bias = tl.load(MASK_H + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             s += bias * LOG2E
         p = tl.exp2(s - lse2[:, None])
@@ -309,7 +314,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, MASK_H, rows, row_ok, ds, d_ok, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, stride_mb, stride_mh, stride_mm, Hq, Tq, Tk, D, group,
                         qk_scale, sm_scale, seed_lo, seed_hi, offset, threshold, drop_scale,
                         IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,

@@ -239,6 +239,16 @@ def test_compiles_without_spills(fn, arg_types, cfg, variant, dtype, arch, align
     assert not k.problems(), f"{k.name} sm_{arch}: " + "; ".join(k.problems())
 
 
+@pytest.mark.parametrize("kernel", list(_ATTN_ARGS))
+def test_philox_words_are_never_specialised(kernel):
+    """Triton's launcher turns an int argument equal to 1 into a constant and compiles a variant for it:
+    a seed half, offset or threshold of 1 would then hand philox's _u32 a constant it cannot bitcast,
+    and fail to compile on the GPU only. The kernels list those words in do_not_specialize."""
+    fn, _ = _ATTN_ARGS[kernel]
+    unspecialised = {p.name for p in fn.params if p.do_not_specialize}
+    assert set(_ATTN_DROPOUT) <= unspecialised, f"{fn.__name__} specialises {set(_ATTN_DROPOUT) - unspecialised}"
+
+
 @pytest.mark.parametrize("M", (1, 3, 77, 4096, 1 << 20))
 def test_bias_gelu_config_is_listed(M):
     # The compile test above covers CONFIGS; the dispatcher must never return anything else.
