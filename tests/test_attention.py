@@ -329,11 +329,14 @@ def _dropout_truth(q, k, v, dropout_p, seed, grad, **kw):
     return (out.detach(),) + tuple(t.grad for t in leaves)
 
 
-def _seed_of_next_call():
-    """The seed the next scaled_dot_product_attention call with dropout will draw."""
-    state = torch.get_rng_state()
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    torch.set_rng_state(state)
+def _seed_of_next_call(device):
+    """The seed the next scaled_dot_product_attention call with dropout on ``device`` will draw:
+    from that device's generator."""
+    cuda = torch.device(device).type == "cuda"
+    get, put = (torch.cuda.get_rng_state, torch.cuda.set_rng_state) if cuda else (torch.get_rng_state, torch.set_rng_state)
+    state = get()
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device=device))
+    put(state)
     return seed
 
 
@@ -344,7 +347,7 @@ def test_dropout_applies_the_philox_mask(device, backend, is_causal):
     q, k, v = _qkv(2, 4, 2, 37, 70, 16, device)
     grad = torch.randn_like(q)
     torch.manual_seed(1234)
-    seed = _seed_of_next_call()
+    seed = _seed_of_next_call(device)
     with fasttx.use_backend(backend):
         got = _run(fasttx.scaled_dot_product_attention, q, k, v, grad, dropout_p=0.3, is_causal=is_causal,
                    enable_gqa=True)
@@ -361,8 +364,8 @@ def test_dropout_is_the_same_in_every_backend(device):
     q, k, v = _qkv(2, 2, 2, 19, 23, 16, device)
     outs = {}
     for backend in fasttx.BACKENDS:
-        if fasttx.backends.machine_reasons()[backend] or (backend == "cuda") != (device == "cuda"):
-            continue
+        if fasttx.backends.machine_reasons()[backend] or backend in {"cpu": ("cuda",), "cuda": ("cpu",)}[device]:
+            continue  # the cpu backend takes CPU tensors only, the cuda backend CUDA ones
         torch.manual_seed(7)
         with fasttx.use_backend(backend):
             outs[backend] = fasttx.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
@@ -532,3 +535,56 @@ def test_split_heads_takes_the_cpu_kernels_packed_gradients_in_place():
             torch.autograd.backward([x for x, g in zip(views, given) if g is not None],
                                     [g for g in given if g is not None])
         assert torch.equal(leaf.grad, theirs.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_float_mask_past_2_31_elements_per_head(backend):
+    """A (Tq, Tk) float mask of one head with more than 2^31 elements: the kernels' mask offsets
+    (row * row stride) must be 64-bit. Only the rows past 2^31 are checked, against their own
+    float64 reference, so that no (Tq, Tk) float64 scores are ever held."""
+    skip_unless_runnable("cuda", backend)
+    T, D, tail = 46400, 64, 128  # rows past 2^31 / T = 46282 hold offsets beyond int32
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.zeros(T, T, device="cuda")
+    mask[-tail:, : T // 2] = float("-inf")  # the last rows may only see the second half of the keys
+    with fasttx.use_backend(backend):
+        out = fasttx.scaled_dot_product_attention(q, k, v, attn_mask=mask)[..., -tail:, :]
+    tail_mask = mask[-tail:]
+    del mask
+    truth = F.scaled_dot_product_attention(q[..., -tail:, :].double(), k.double(), v.double(), attn_mask=tail_mask.double())
+    same_dtype = F.scaled_dot_product_attention(q[..., -tail:, :], k, v, attn_mask=tail_mask.to(q.dtype))
+    assert_within_torch_error(out, truth, same_dtype, factor=2, what=f"{backend} rows past 2^31 mask elements")
+
+
+@pytest.mark.gpu
+def test_cuda_dropout_follows_the_cuda_generator():
+    """torch.cuda.manual_seed governs CUDA dropout, as it governs torch's own; the CPU generator does not."""
+    if not torch.cuda.is_available():
+        pytest.skip("GPU test (rung e): no CUDA device on this machine")
+    q, k, v = _qkv(1, 2, 2, 33, 33, 16, "cuda")
+    outs = []
+    for cpu_seed in (1, 2):
+        torch.manual_seed(cpu_seed)
+        torch.cuda.manual_seed(5)
+        outs.append(fasttx.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+    torch.cuda.manual_seed(6)
+    outs.append(fasttx.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.gpu
+def test_dropout_refuses_cuda_graph_capture():
+    """A capture would fix one seed, and every replay would drop the same scores: refused, clearly."""
+    if not torch.cuda.is_available():
+        pytest.skip("GPU test (rung e): no CUDA device on this machine")
+    q, k, v = _qkv(1, 2, 2, 33, 33, 16, "cuda")
+    fasttx.scaled_dot_product_attention(q, k, v)  # warm up outside the capture
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+            with torch.cuda.graph(graph):
+                fasttx.scaled_dot_product_attention(q, k, v, dropout_p=0.1)

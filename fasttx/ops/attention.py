@@ -202,6 +202,21 @@ def _empty_output_like(q: Tensor, head_dim: int) -> Tensor:
     return q.new_empty(B, H, T, head_dim)
 
 
+def _dropout_seed(device: torch.device) -> Tensor:
+    """The dropout mask's seed, drawn from the generator of the tensors' device, so that
+    torch.cuda.manual_seed governs CUDA dropout as it governs torch's own.
+
+    The kernels take the seed as a host integer, so on a GPU reading it back waits for the
+    device: one synchronisation per call with dropout. Inside a CUDA-graph capture that read
+    cannot happen, and a seed fixed at capture would give every replay the same mask; so
+    dropout refuses capture instead of silently repeating itself.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fasttx.scaled_dot_product_attention: dropout_p > 0 cannot be captured in a CUDA graph "
+                           "(every replay would reuse one dropout mask); capture with dropout_p=0")
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
              dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
@@ -378,7 +393,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         drop, zero_out = 0.0, True
     else:
         zero_out = False
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if drop > 0 else torch.zeros((), dtype=torch.int64)
+    seed = _dropout_seed(q.device) if drop > 0 else torch.zeros((), dtype=torch.int64)
     args = (q, k, v, mask, bool(is_causal), scale, drop, seed, backends.requested_backend())
     if plain_eager(q, k, v, mask):
         out, _ = _AttentionFunction.apply(*args)
