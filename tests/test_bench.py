@@ -24,7 +24,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     docs = bench.run(ops=["bias_gelu"], level="smoke", cases={"bias_gelu": [{"shape": (M, N), "dtype": "float32",
                                                                             "approximate": "tanh"}]},
-                     threads=[1], reps=3, out_dir=str(out), echo=False)
+                     threads=[1], reps=3, out_dir=str(out), echo=False, device="cpu")  # "auto" is CUDA on a GPU machine
     return out, docs["bias_gelu"]
 
 
@@ -93,7 +93,7 @@ def test_every_op_sweep_keeps_its_key_case():
 def test_an_op_with_its_own_torch_provider_gets_paired_ratios_against_it(tmp_path):
     """attention's "sdpa" provider runs beside eager, and every row carries its ratio to it."""
     docs = bench.run(ops=["attention"], level="smoke", threads=[1], reps=3, out_dir=str(tmp_path), echo=False,
-                     providers=["eager", "sdpa", "fasttx-torch"])
+                     device="cpu", providers=["eager", "sdpa", "fasttx-torch"])
     rows = [r for r in docs["attention"]["runs"][0]["rows"] if r["status"] == "ok"]
     assert {r["provider"] for r in rows} == {"eager", "sdpa", "fasttx-torch"}
     for r in rows:

@@ -98,7 +98,7 @@ def test_command_line_quick_and_overrides(corpus, tmp_path, capsys, monkeypatch)
     parser = argparse.ArgumentParser()
     compare.add_arguments(parser)
     args = parser.parse_args(["--quick", "--steps", "3", "--n-layer", "1", "--block-size", "16",
-                              "--warmup-steps", "1", "--out", str(tmp_path), "--data", *corpus["data"]])
+                              "--warmup-steps", "1", "--out", str(tmp_path), "--device", "cpu", "--data", *corpus["data"]])
     monkeypatch.setattr(compare, "default_cache_dir", lambda: corpus["cache_dir"])
     assert compare.main(args) == 0
     printed = capsys.readouterr().out
