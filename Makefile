@@ -15,7 +15,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TRITON_DEFAULT_FP_FUSION ?= 1
 LOCK := requirements-dev.lock
 
-.PHONY: test bench build clean lock test-floor
+.PHONY: test bench build clean lock test-floor gpu-check
 
 # --no-deps: the lock holds every package, so nothing unpinned can slip in; pip check proves it complete.
 $(VENV)/.deps-stamp: $(LOCK)
@@ -46,6 +46,14 @@ test: build
 bench: build
 	$(PY) -m bench
 	$(PY) -m fasttx compare --quick
+
+# On a machine with a CUDA GPU and its own PyTorch (no venv, no network): build for that GPU, run the
+# GPU tests and a short benchmark, write everything to GPU_CHECK_OUT. Without a GPU it is a dry run
+# of the same steps (tests/test_gpu_check.py runs that in make test). See bench/gpu_check.py.
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check --out $(GPU_CHECK_OUT)
 
 LOCK_VENV := build/lock-venv
 lock:
