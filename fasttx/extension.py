@@ -76,8 +76,6 @@ def _import_built(so: Path) -> ModuleType:
 
 def build_just_in_time() -> ModuleType:
     """Compile fasttx._C for this torch (or take the cached build) and return it."""
-    from torch.utils import cpp_extension
-
     cuda_home, why_no_cuda = _jit_cuda_plan()
     csrc = _build.csrc_dir()
     files = _build.sources(csrc, with_cuda=cuda_home is not None)
@@ -87,6 +85,10 @@ def build_just_in_time() -> ModuleType:
     so, done = build_dir / f"{JIT_NAME}.so", build_dir / "built"
     if done.is_file() and so.is_file():
         return _import_built(so)
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension when first imported, and when it runs nvcc
+    from torch.utils import cpp_extension  # imported only to compile: it guesses CUDA_HOME, noisily, on import
+
     build_dir.mkdir(parents=True, exist_ok=True)
     kind = "C++ and CUDA" if cuda_home else f"C++ (CPU only: {why_no_cuda})"
     print(f"fasttx: compiling its {kind} extension for torch {torch.__version__} into {build_dir}; "
@@ -94,8 +96,7 @@ def build_just_in_time() -> ModuleType:
     extra_ldflags = list(_build.LINK_FLAGS)
     include_paths = [str(csrc)]
     if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension when it runs nvcc
-        cpp_extension.CUDA_HOME = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home  # in case it was imported before with another guess
         lib_dirs, libs = _build.cublaslt_link()
         extra_ldflags += [f"-L{d}" for d in lib_dirs] + [f"-l{lib}" for lib in libs]
         include_paths += _build.wheel_cuda_include_dirs()
