@@ -41,3 +41,13 @@ def test_test_summary_by_op_and_backend():
                                         "softmax": {"triton": {"passed": 1}, "cuda": {"failed": 1, "passed": 1}}}
     assert summary["failed"] == ["tests/test_softmax.py::test_matches[cuda-cuda-float32]"]
     assert summary["total"] == {"passed": 3, "failed": 1, "skipped": 1}
+
+
+def test_every_op_has_gpu_cases_with_its_parameters():
+    """The real mode's cases (run only on a GPU) name exactly each op's parameters, in both dtypes."""
+    assert set(gpu_check.GPU_CASES) == set(OPS)
+    for op, cases in gpu_check.GPU_CASES.items():
+        for case in cases:
+            assert set(case) | {"dtype"} == set(OPS[op].params), op
+            for dtype in gpu_check.DTYPES:
+                OPS[op].make_inputs({**case, "dtype": dtype}, "meta")  # shapes and dtypes build
