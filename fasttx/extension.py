@@ -131,7 +131,8 @@ def _load() -> tuple[Optional[ModuleType], Optional[str], bool]:
     except Exception as e:  # a compiler error, no compiler, no ninja, unwritable cache: all end the same way
         text = str(e).strip().splitlines()
         problems.append(f"building it for this torch failed ({type(e).__name__}: {text[-1] if text else ''})")
-        return None, "; ".join(problems) + ". Fix the build (a C++ compiler and ninja are needed) or " + REBUILD_HINT, True
+        return None, ("; ".join(problems) + ". `python -c 'import fasttx.extension as e; e.build_just_in_time()'` "
+                      "shows the compiler's output; the build needs a C++ compiler and ninja"), True
     if problems:
         warnings.warn(f"fasttx: {'; '.join(problems)}; using a just-in-time build for this torch instead. "
                       f"To remove this message, {REBUILD_HINT}", ExtensionWarning, stacklevel=3)
