@@ -70,12 +70,13 @@ lock:
 
 # The floor of pyproject.toml's torch>=2.6, in its own venv and its own copy of the sources, so that its
 # in-place build of fasttx._C never touches .venv's. CPU only: that torch is a CUDA 12 build and nvcc here is 13.
+# The tests' own needs come unpinned; without transformers the Hugging Face tests skip.
 FLOOR_TORCH := 2.6.0
 FLOOR := build/floor
 test-floor:
 	$(PYTHON) -m venv --clear $(FLOOR)/venv
 	$(FLOOR)/venv/bin/pip install -q -U pip setuptools wheel
-	$(FLOOR)/venv/bin/pip install -q torch==$(FLOOR_TORCH) numpy ninja pytest packaging
+	$(FLOOR)/venv/bin/pip install -q torch==$(FLOOR_TORCH) numpy ninja pytest packaging tqdm matplotlib
 	rm -rf $(FLOOR)/src && mkdir -p $(FLOOR)/src
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -d --parents -t $(FLOOR)/src
 	cd $(FLOOR)/src && FASTTX_BUILD_EXTENSION=1 FASTTX_BUILD_CUDA=0 ../venv/bin/pip install --no-build-isolation --no-deps -e .
