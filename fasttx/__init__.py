@@ -3,7 +3,7 @@ import re as _re
 
 import torch as _torch
 
-TORCH_FLOOR = (2, 6)  # pyproject.toml's torch>=2.6; `make test-floor` runs the CPU tests on it
+TORCH_FLOOR = (2, 9)  # pyproject.toml's torch>=2.9; `make test-floor` runs the CPU tests on it
 _torch_release = tuple(int(v) for v in _re.match(r"(\d+)\.(\d+)", _torch.__version__).groups())
 if _torch_release < TORCH_FLOOR:
     raise ImportError(f"fasttx needs torch >= {'.'.join(map(str, TORCH_FLOOR))}, but torch {_torch.__version__} is installed")

@@ -177,11 +177,11 @@ def test_the_torch_floor_is_stated_once():
 
 
 def test_an_older_torch_gets_a_one_line_error():
-    script = "import torch; torch.__version__ = '2.5.1+cu124'; import fasttx"
+    script = "import torch; torch.__version__ = '2.8.0+cu128'; import fasttx"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last == "ImportError: fasttx needs torch >= 2.6, but torch 2.5.1+cu124 is installed"
+    assert last == "ImportError: fasttx needs torch >= 2.9, but torch 2.8.0+cu128 is installed"
 
 
 def _run_with_fake_extension(setup, env_extra):

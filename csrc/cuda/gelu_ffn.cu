@@ -34,7 +34,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublasLt.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -228,16 +227,6 @@ uint32_t alignment(const void* p) {
   return static_cast<uint32_t>(std::min<uintptr_t>(a & (~a + 1), 256));
 }
 
-// The workspace torch gives its own cuBLASLt calls; torch < 2.9 does not export
-// its size, so those get cuBLAS's recommendation for Hopper, 32 MiB.
-inline int64_t lt_workspace_bytes() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-  return int64_t(at::cuda::getCUDABlasLtWorkspaceSize());
-#else
-  return int64_t(32) << 20;
-#endif
-}
-
 // The cuBLASLt state of one gelu_ffn call: x's dtype, the current stream's
 // handle, and one workspace from the caching allocator for all of its GEMMs
 // (they run in order on that stream).
@@ -248,7 +237,7 @@ class Lt {
         stream_(at::cuda::getCurrentCUDAStream()),
         dtype_(x.scalar_type()),
         type_(at::cuda::ScalarTypeToCudaDataType(dtype_)),
-        workspace_(at::empty({lt_workspace_bytes()}, x.options().dtype(at::kByte))) {}
+        workspace_(at::empty({int64_t(at::cuda::getCUDABlasLtWorkspaceSize())}, x.options().dtype(at::kByte))) {}
 
   // Runs g and returns true, or returns false having done nothing when no
   // cuBLASLt algorithm takes this GEMM with these pointers (the heuristic

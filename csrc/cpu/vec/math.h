@@ -32,9 +32,8 @@ inline at::vec::Vectorized<float> exp_float(at::vec::Vectorized<float> v) {
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif
-  // x - n ln2 as fmadd with the constants negated (at::vec::fnmadd is torch >= 2.9 only).
-  V r = at::vec::fmadd(V(n), V(-0.693359375f), V(x));  // exact: ln2_hi has 9 bits, |n| <= 150
-  r = at::vec::fmadd(V(n), V(2.12194440e-4f), r);
+  V r = at::vec::fnmadd(V(n), V(0.693359375f), V(x));  // exact: ln2_hi has 9 bits, |n| <= 150
+  r = at::vec::fnmadd(V(n), V(-2.12194440e-4f), r);
   V p = at::vec::fmadd(V(1.0f / 5040), r, V(1.0f / 720));
   p = at::vec::fmadd(p, r, V(1.0f / 120));
   p = at::vec::fmadd(p, r, V(1.0f / 24));
@@ -61,7 +60,7 @@ inline at::vec::Vectorized<float> reciprocal_float(at::vec::Vectorized<float> d)
   using V = at::vec::Vectorized<float>;
 #if defined(FASTTX_ISA_AVX512)
   const V r(_mm512_rcp14_ps(__m512(d)));
-  return r * at::vec::fmadd(d.neg(), r, V(2.0f));
+  return r * at::vec::fnmadd(d, r, V(2.0f));
 #else
   return V(1.0f) / d;
 #endif
