@@ -78,7 +78,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, MASK_H, rows, row_ok, ds, d_ok, lo, hi, T
             kt = tl.load(K + cols[None, :] * D + ds[:, None], mask=kt_mask, other=0.0)
         s = tl.dot(q, _dot_operand(kt, UPCAST_DOT), input_precision="ieee") * qk_scale
         if HAS_MASK:
-            bias = tl.load(MASK_H + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :],
+            bias = tl.load(MASK_H + rows[:, None] * stride_mm + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             s += bias * LOG2E
         if MASKED:
@@ -200,7 +200,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, MASK_H, LSE, DELTA, cols, col_ok, ds, d
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, qt, input_precision="ieee") * qk_scale
         if HAS_MASK:
-            bias = tl.load(MASK_H + rows.to(tl.int64)[None, :] * stride_mm + cols[:, None],
+            bias = tl.load(MASK_H + rows[None, :] * stride_mm + cols[:, None],
                            mask=row_ok[None, :] & col_ok[:, None], other=0.0)
             st += bias * LOG2E
         pt = tl.exp2(st - lse2[None, :])
@@ -296,7 +296,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, MASK_H, rows, row_ok, ds, d_ok, 
         kt = _dot_operand(kt, UPCAST_DOT)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         if HAS_MASK:
-            bias = tl.load(MASK_H + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :],
+            bias = tl.load(MASK_H + rows[:, None] * stride_mm + cols[None, :],
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             s += bias * LOG2E
         p = tl.exp2(s - lse2[:, None])

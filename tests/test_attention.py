@@ -537,12 +537,27 @@ def test_split_heads_takes_the_cpu_kernels_packed_gradients_in_place():
         assert torch.equal(leaf.grad, theirs.grad)
 
 
+def test_triton_refuses_a_mask_head_past_2_31_elements():
+    """The Triton kernels offset a head's mask rows in int32: past 2^31 elements they say so, and auto
+    mode moves on. Meta tensors: no memory, checked on a CPU."""
+    from types import SimpleNamespace
+
+    from fasttx.ops.attention import IMPLEMENTATIONS
+    triton_impl = {impl.backend: impl for impl in IMPLEMENTATIONS}["triton"]
+    q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 1, 46400, 64))
+    big = torch.empty(1, 1, 46400, 46400, device="meta")
+    assert "2^31 or more" in triton_impl.why_not(q, q, q, big)
+    assert triton_impl.why_not(q, q, q, big[..., :46000, :]) is None  # 46000 rows of 46400: under 2^31
+    assert triton_impl.why_not(q, q, q, torch.empty(1, 1, 1, 46400, device="meta").expand(1, 1, 46400, 46400)) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_float_mask_past_2_31_elements_per_head(backend):
-    """A (Tq, Tk) float mask of one head with more than 2^31 elements: the kernels' mask offsets
-    (row * row stride) must be 64-bit. Only the rows past 2^31 are checked, against their own
-    float64 reference, so that no (Tq, Tk) float64 scores are ever held."""
+    """A (Tq, Tk) float mask of one head with more than 2^31 elements: the triton backend refuses it
+    (its offsets are int32), the cuda backend must get it right, and so must auto mode. Only the
+    rows past 2^31 are checked, against their own float64 reference, so that no (Tq, Tk) float64
+    scores are ever held."""
     skip_unless_runnable("cuda", backend)
     T, D, tail = 46400, 64, 128  # rows past 2^31 / T = 46282 hold offsets beyond int32
     if torch.cuda.mem_get_info()[0] < 24 * 2**30:
@@ -551,6 +566,10 @@ def test_float_mask_past_2_31_elements_per_head(backend):
     q, k, v = (torch.randn(1, 1, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     mask = torch.zeros(T, T, device="cuda")
     mask[-tail:, : T // 2] = float("-inf")  # the last rows may only see the second half of the keys
+    if backend == "triton":
+        with fasttx.use_backend("triton"), pytest.raises(fasttx.BackendUnavailableError, match="2\\^31 or more"):
+            fasttx.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        backend = "auto"
     with fasttx.use_backend(backend):
         out = fasttx.scaled_dot_product_attention(q, k, v, attn_mask=mask)[..., -tail:, :]
     tail_mask = mask[-tail:]

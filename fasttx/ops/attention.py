@@ -158,10 +158,17 @@ def _kernel_why_not(device_rule):
     return lambda q, k, v, *rest: device_rule(q) or _same_head_dim(q, k, v)
 
 
-def _triton_why_not(q, k, v, *rest) -> Optional[str]:
+def _triton_why_not(q, k, v, mask=None, *rest) -> Optional[str]:
     why = backends.triton_why_not(q) or _same_head_dim(q, k, v)
     if why is None and not 16 <= q.shape[-1] <= 256:
         why = f"the triton kernels take head dims 16 to 256, got {q.shape[-1]}"
+    if why is None and mask is not None and mask.shape[-2] > 1 and mask.stride(-2) != 0:
+        # The kernels offset a head's mask rows in int32 (64-bit offsets there spilled registers);
+        # the host pads mask rows to a multiple of 16.
+        row = max(abs(mask.stride(-2)), -(-mask.shape[-1] // 16) * 16)
+        if mask.shape[-2] * row >= 2**31:
+            why = (f"the triton kernels index one head's mask in int32, and this mask's head spans "
+                   f"{mask.shape[-2]} rows of {row} elements (2^31 or more)")
     return why
 
 
@@ -219,7 +226,7 @@ def _dropout_seed(device: torch.device) -> Tensor:
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
              dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
+    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v, mask)
     if _nothing_to_compute(q, k):  # no kernel launch; the contract (zeros, lse +inf) still holds
         impl = IMPLEMENTATIONS[-1]
     out, lse = impl.forward(q, k, v, mask, is_causal, scale, dropout_p, int(seed), 0)
@@ -231,7 +238,7 @@ def _backward_any_layout(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients as the backend lays them out: the CPU's for q, k, v split from one packed
     (B, T, 3, H, D) QKV tensor are the three parts of one such tensor (see split_heads)."""
-    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v)
+    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v, mask)
     if _nothing_to_compute(q, k):
         impl = IMPLEMENTATIONS[-1]
     return tuple(impl.backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, int(seed), 0))
