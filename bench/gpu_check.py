@@ -53,7 +53,8 @@ GPU_CASES = {
 DTYPES = ("float32", "bfloat16")
 # The backend in a test id: "cuda-<backend>" (backend_params), else a bare backend parameter.
 BACKEND_IN_ID = (re.compile(r"\bcuda-(triton|cuda|torch)\b"), re.compile(r"(?<=[\[-])(triton|cuda|torch)(?=[-\]])"))
-RESULT_LINE = re.compile(r"^(tests/\S+?\.py)::(\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+# pytest -v's per-test line; ids may hold spaces, e.g. test_x[(1, 1)-cuda-triton].
+RESULT_LINE = re.compile(r"^(tests/\S+?\.py)::(.+?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
 
 
 def _say(text: str):
