@@ -224,8 +224,8 @@ class KVCache:
 
 
 def _split_heads(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
-    batch, seq, _ = qkv.shape
-    return qkv.view(batch, seq, 3, n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    batch, seq, width = qkv.shape  # head_dim spelled out: with no tokens, view() cannot infer a -1
+    return qkv.view(batch, seq, 3, n_head, width // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _norm(norm: LayerNorm, x: Tensor, eager: bool) -> Tensor:
