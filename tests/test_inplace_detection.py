@@ -20,6 +20,7 @@ import torch
 from fasttx.models.gpt import GPT, GPTConfig
 from fasttx.nn import LayerNorm, TransformerBlock
 from fasttx.nn.recompute import recomputed_activations
+from fasttx.ops.linear import linear
 
 BATCH, SEQ, D_MODEL, HEADS, VOCAB = 2, 5, 16, 2, 32
 INPLACE = "modified by an inplace operation"
@@ -172,15 +173,17 @@ def test_gpt_refuses_or_is_unaffected(autocast, name):
 
 # ---- a recomputed tensor itself -------------------------------------------------------------------
 
-def test_a_recomputed_tensor_modified_in_place_raises():
+@pytest.mark.parametrize("consumer", ["mul", "linear"])
+def test_a_recomputed_tensor_modified_in_place_raises(consumer):
     """A norm output saved by a later op is rebuilt in backward, not kept: a change to it must still be
-    noticed, as autograd notices it without the region."""
-    norm, w = LayerNorm(D_MODEL), torch.randn(D_MODEL, requires_grad=True)
-    x = torch.randn(BATCH, D_MODEL, requires_grad=True)
+    noticed, as autograd notices it without the region. The linear saves a view of it (its rows)."""
+    norm, w = LayerNorm(D_MODEL), torch.randn(D_MODEL, D_MODEL, requires_grad=True)
+    x = torch.randn(BATCH, SEQ, D_MODEL, requires_grad=True)
+    consume = {"mul": lambda y: y * w[0], "linear": lambda y: linear(y, w)}[consumer]
     for region in (contextlib.nullcontext, recomputed_activations):
         with region():
             y = norm(x)
-            out = y * w  # saves y
+            out = consume(y)
         _modify(y)
         with pytest.raises(RuntimeError, match=INPLACE):
             out.sum().backward()

@@ -65,18 +65,20 @@ class _Kept:
 
 
 class _Recipe:
-    __slots__ = ("rebuild", "inputs", "versions", "saved", "version", "size", "stride", "offset")
+    __slots__ = ("rebuild", "inputs", "versions", "registered", "version", "size", "stride", "offset")
 
-    def __init__(self, rebuild: Callable[[], Tensor], inputs: tuple, versions: tuple, saved: Tensor) -> None:
+    def __init__(self, rebuild: Callable[[], Tensor], inputs: tuple, versions: tuple, saved: Tensor,
+                 registered: Tensor) -> None:
         self.rebuild, self.inputs, self.versions = rebuild, inputs, versions
-        # Weak: the point is not to keep it. Once dead, nothing can modify it any more.
-        self.saved, self.version = weakref.ref(saved), saved._version
+        # saved may be a passing view of registered, which shares its version. Weak: the point is not to
+        # keep it; once dead, nothing can modify it any more.
+        self.registered, self.version = weakref.ref(registered), saved._version
         self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
 
     def __call__(self) -> Tensor:
-        saved = self.saved()
-        if saved is not None:
-            _check_version(saved, self.version)
+        registered = self.registered()
+        if registered is not None:
+            _check_version(registered, self.version)
         for t, version in zip(self.inputs, self.versions):
             _check_version(t, version)
         with torch.no_grad():
@@ -128,7 +130,7 @@ class Recipes:
         registered = entry[0]() if entry is not None else None
         if registered is None or registered.untyped_storage().data_ptr() != address or registered.dtype != t.dtype:
             return _Kept(t)
-        return _Recipe(entry[1], entry[2], entry[3], t)
+        return _Recipe(entry[1], entry[2], entry[3], t, registered)
 
     @staticmethod  # not a bound method: autograd keeps the unpack hook, and with it would keep _entries
     def unpack(packed):
