@@ -120,6 +120,13 @@ def test_gpt_matches_plain_pytorch(shape):
         assert _gpt("fused")(idx)[0].shape == want_logits.shape
 
 
+@pytest.mark.parametrize("kernels", ["fused", "eager"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no cache"])
+def test_gpt_generates_for_no_sequences(kernels, use_cache):
+    out = _gpt(kernels).generate(torch.zeros(0, 3, dtype=torch.long), 2, use_cache=use_cache)
+    assert out.shape == (0, 5) and out.dtype == torch.long
+
+
 @pytest.mark.parametrize("args,name", [
     ((0, HEADS), "d_model"), ((-D_MODEL, HEADS), "d_model"), ((D_MODEL, 0), "n_heads"), ((D_MODEL, -1), "n_heads"),
     ((16.0, HEADS), "d_model"), ((D_MODEL, True), "n_heads"),
