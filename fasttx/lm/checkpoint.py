@@ -156,6 +156,8 @@ def state_digest(state: dict) -> str:
 
 def _feed(h, value) -> None:
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"fasttx checkpoint: holds a {value.layout} tensor; checkpoints hold dense tensors only")
         t = value.detach().to("cpu").contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
