@@ -41,6 +41,7 @@ def main(argv=None):
             module = _lm_module(name)
             module.add_arguments(sub_parser)
     args = parser.parse_args(argv)
+    args.argv = argv  # for a command that relaunches itself (train --nproc-per-node)
     if args.command == "info":
         from fasttx.info import report
         print(report())

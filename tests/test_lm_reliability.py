@@ -240,7 +240,8 @@ def optimizer_cases(opt):
         return {"state": {**state, i: {**state[i], **entry}}, "param_groups": groups}
     first = groups[0]["params"][0]
     shape = state[first]["exp_avg"].shape
-    yield "wrong shape", with_entry(first, exp_avg=torch.zeros(shape[0] + 1, *shape[1:])), "exp_avg"
+    yield "one element", with_entry(first, exp_avg=torch.zeros(1, 1)), r"exp_avg: torch.float32 \(1, 1\)"
+    yield "more rows", with_entry(first, exp_avg=torch.zeros(shape[0] + 1, *shape[1:])), "exp_avg"
     yield "flattened", with_entry(first, exp_avg_sq=state[first]["exp_avg_sq"].flatten()), "exp_avg_sq"
     yield "float64", with_entry(first, exp_avg=state[first]["exp_avg"].double()), "float64"
     yield "not a tensor", with_entry(first, exp_avg=1.0), "exp_avg: float"
@@ -290,7 +291,8 @@ def test_resume_with_a_wrong_shaped_optimizer_tensor_is_one_line_not_a_segfault(
     out = tmp_path / "run"
     train(tiny(corpus, out, stop_at=5))
     state = raw(out / "ckpt.pt")
-    opt = next(o for what, o, _ in optimizer_cases(state["optimizer"]) if what == "wrong shape")
+    # Before the check this ran the fused AdamW on a 1-element exp_avg: exit 139 (SIGSEGV) at 7b2e417.
+    opt = next(o for what, o, _ in optimizer_cases(state["optimizer"]) if what == "one element")
     sealed({**state, "optimizer": opt}, out / "ckpt.pt")
     run = run_cli(*train_flags(corpus, out, "--steps", "10", "--resume"))
     assert run.returncode == 2, run.stderr  # a segfault is -11
@@ -516,3 +518,46 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(corpus, tmp_path):
     run = run_cli(*train_flags(corpus, out, "--steps", "100000", "--resume", "--stop-at", str(saved["step"] + 2)))
     assert run.returncode == 0, run.stderr
     assert ckpt_io.load_checkpoint(out / "ckpt.pt")["step"] == saved["step"] + 2 and no_temp_files(out)
+
+
+# ---- item 13: Ctrl-C to a multi-process run ---------------------------------------------------------------
+
+
+def wait_for_steps(proc, metrics: Path, n: int, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"training ended or stalled before {n} steps")
+
+
+def test_ctrl_c_to_a_launched_group_checkpoints_and_exits_130(corpus, tmp_path):
+    # What a terminal's Ctrl-C does: SIGINT to the launcher's process group. torchrun ends such a run in a
+    # SignalException traceback and exit code 1; `train --nproc-per-node` in one line and 130.
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "fasttx", *train_flags(corpus, out, "--nproc-per-node", "2", "--batch-size", "2",
+                                                         "--steps", "5000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_steps(proc, out / "metrics.jsonl", 3)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert_one_line_error(stderr.replace("fasttx train: interrupted", "fasttx train: error: interrupted"),
+                          "interrupted by signal 2", command="train")
+    saved = ckpt_io.load_checkpoint(out / "ckpt.pt")
+    assert saved["world_size"] == 2 and saved["step"] >= 3 and f"checkpoint of step {saved['step']}" in stdout
+    run = run_cli(*train_flags(corpus, out, "--nproc-per-node=2", "--batch-size", "2", "--steps", "5000",
+                               "--resume", "--stop-at", str(saved["step"] + 2)))
+    assert run.returncode == 0, run.stderr
+    assert ckpt_io.load_checkpoint(out / "ckpt.pt")["step"] == saved["step"] + 2
+
+
+def test_a_failing_launched_group_is_one_line(corpus, tmp_path):
+    run = run_cli(*train_flags(corpus, tmp_path / "none", "--nproc-per-node", "2", "--resume"))
+    assert run.returncode == 2
+    assert_one_line_error(run.stderr, "ckpt.pt does not exist", command="train")

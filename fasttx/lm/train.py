@@ -21,6 +21,9 @@
   also refuses NaN/Inf weights, so a diverged model never replaces a good file.
 - Distributed: ``torchrun --nproc_per_node=N -m fasttx train ...`` (gloo on CPU, nccl on CUDA, DDP).
   Rank 0 alone writes checkpoints, metrics and the progress bar; reported losses are means over ranks.
+  ``python -m fasttx train --nproc-per-node N ...`` runs torchrun's launcher in this process on one
+  machine: a Ctrl-C there forwards SIGINT to the workers, which checkpoint, and exits with 130 and one
+  line, where torchrun itself ends in a SignalException traceback and exit code 1.
 """
 from __future__ import annotations
 
@@ -396,6 +399,8 @@ def add_arguments(p) -> None:
     run.add_argument("--save-safetensors", action="store_true", help="also write OUT/model.safetensors")
     run.add_argument("--threads", type=count, default=None, help="torch.set_num_threads")
     run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    run.add_argument("--nproc-per-node", type=count, default=None, help="launch N ranks on this machine, as "
+                     "torchrun --standalone --nproc_per_node=N would (Ctrl-C: checkpoint and exit 130)")
     run.add_argument("--cache-dir", default=None, help="token cache (default: $FASTTX_CACHE or ~/.cache/fasttx)")
 
 
@@ -409,14 +414,52 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def launch(argv: list[str], nproc: int) -> int:
+    """`torchrun --standalone --nproc_per_node=nproc -m fasttx train argv` in this process, its endings in one line.
+
+    On SIGINT torchrun's agent forwards the signal to the workers (they finish the update, checkpoint and
+    exit), waits for them, then raises SignalException: here that is exit code 130 and one line.
+    """
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    targs = torchrun.parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "fasttx", "train", *argv])
+    for name in list(logging.Logger.manager.loggerDict):  # its warnings say what the one line below says
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(targs)
+    except SignalException as err:
+        print(f"fasttx train: interrupted by signal {err.sigval}: the workers saved a checkpoint if they had "
+              f"started training; continue with --resume", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except ChildFailedError as err:  # the failing rank printed its error already
+        codes = [f.exitcode for f in err.failures.values()]
+        return next((c for c in codes if c > 0), FAILED_EXIT_CODE)
+    return 0
+
+
 def main(args) -> int:
     """Every failure is one line on stderr: exit 2 for bad flags or checkpoints, 1 for a run that went wrong."""
     def fail(err, code, every_rank=False):
         if every_rank or os.environ.get("RANK", "0") == "0":  # the others hit the same error: say it once
             print(f"fasttx train: error: {err}", file=sys.stderr)
         return code
+    if args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ:
+        argv = list(args.argv[args.argv.index("train") + 1:])
+        for i, a in enumerate(argv):  # the workers are single ranks of this launch
+            if len(a.split("=")[0]) > 2 and "--nproc-per-node".startswith(a.split("=")[0]):  # argparse abbreviates
+                del argv[i: i + (1 if "=" in a else 2)]
+                break
+        return launch(argv, args.nproc_per_node)
     try:
         result = train(config_from_args(args))
+    except KeyboardInterrupt:  # before the loop's own SIGINT handler was installed
+        print("fasttx train: interrupted before training started; nothing was saved", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except (TrainingDiverged, ckpt_io.CheckpointWriteError) as err:
         return fail(err, FAILED_EXIT_CODE)
     except (ckpt_io.CheckpointError, ValueError, FileExistsError) as err:
