@@ -561,3 +561,16 @@ def test_a_failing_launched_group_is_one_line(corpus, tmp_path):
     run = run_cli(*train_flags(corpus, tmp_path / "none", "--nproc-per-node", "2", "--resume"))
     assert run.returncode == 2
     assert_one_line_error(run.stderr, "ckpt.pt does not exist", command="train")
+
+
+def test_a_failed_write_stops_every_rank_in_one_line(corpus, tmp_path):
+    out = tmp_path / "ddp"
+
+    def limit():  # rank 0 cannot write the checkpoint; rank 1 must not wait for it forever
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    run = run_cli(*train_flags(corpus, out, "--nproc-per-node", "2", "--batch-size", "2", "--steps", "3"),
+                  preexec_fn=limit)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert_one_line_error(run.stderr, "cannot write", "ckpt.pt", command="train")
+    assert not (out / "ckpt.pt").exists() and no_temp_files(out)

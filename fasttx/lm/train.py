@@ -288,12 +288,23 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
     def save(step):
         nonlocal last_saved
         rng = ckpt_io.capture_rng(device, world_size)  # collective: every rank takes part
+        failed = None
         if main:
-            ckpt_io.save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
-                                    model_config=model.config, train_config=run_dict, rng=rng,
-                                    world_size=world_size)
-            if cfg.save_safetensors:
-                ckpt_io.save_safetensors(out / "model.safetensors", model, step)
+            try:
+                ckpt_io.save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
+                                        model_config=model.config, train_config=run_dict, rng=rng,
+                                        world_size=world_size)
+                if cfg.save_safetensors:
+                    ckpt_io.save_safetensors(out / "model.safetensors", model, step)
+            except ckpt_io.CheckpointWriteError as err:
+                failed = err
+        if world_size > 1:  # every rank stops together, rather than waiting on a rank 0 that left
+            flag = torch.tensor([float(failed is not None)], device=device)
+            dist.all_reduce(flag)
+            if flag.item() and failed is None:
+                failed = ckpt_io.CheckpointWriteError(f"rank 0 could not write {ckpt_path}")
+        if failed is not None:
+            raise failed
         last_saved = step
 
     end = cfg.steps if cfg.stop_at is None else max(start, min(cfg.steps, cfg.stop_at))
