@@ -21,9 +21,16 @@ def _lm_module(name):
     return module
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (argparse prints the whole usage first); --help still shows it. Exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m fasttx", description=__doc__)
+    parser = _Parser(prog="python -m fasttx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, devices, CPU features and which backends can run here")
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -34,6 +41,7 @@ def main(argv=None):
             module = _lm_module(name)
             module.add_arguments(sub_parser)
     args = parser.parse_args(argv)
+    args.argv = argv  # for a command that relaunches itself (train --nproc-per-node)
     if args.command == "info":
         from fasttx.info import report
         print(report())
