@@ -574,3 +574,19 @@ def test_a_failed_write_stops_every_rank_in_one_line(corpus, tmp_path):
     assert run.returncode == 1, run.stdout + run.stderr
     assert_one_line_error(run.stderr, "cannot write", "ckpt.pt", command="train")
     assert not (out / "ckpt.pt").exists() and no_temp_files(out)
+
+
+@pytest.mark.parametrize("command, target", [("train", "fasttx.lm.train.train"),
+                                             ("generate", "fasttx.lm.generate.generate_text"),
+                                             ("compare", "fasttx.lm.compare.compare")])
+def test_ctrl_c_outside_the_training_loop_is_one_line(trained, command, target, monkeypatch, capsys):
+    # Before the loop installs its handler (data, model), while sampling, while comparing: Python's own
+    # KeyboardInterrupt, which would print a traceback.
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(target, interrupted)
+    args = {"train": ["train", "--out", str(trained.parent / "new")], "compare": ["compare", "--quick"],
+            "generate": ["generate", "--ckpt", str(trained / "ckpt.pt")]}[command]
+    assert cli(args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"fasttx {command}: interrupted") and err.count("\n") == 1, err

@@ -286,5 +286,8 @@ def main(args) -> int:
     except ValueError as err:
         print(f"fasttx compare: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fasttx compare: interrupted", file=sys.stderr)
+        return 130
     print(format_report(results))
     return 0  # a benchmark reports its criteria, it does not fail on them
