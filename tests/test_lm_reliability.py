@@ -402,7 +402,8 @@ def test_cli_errors_are_one_line(trained, tmp_path, capsys):
              (["compare", "--device", "tpu9"], "tpu9")]
     if not torch.cuda.is_available():
         cases += [(["generate", "--ckpt", str(trained / "ckpt.pt"), "--device", "cuda"], "no CUDA device"),
-                  (["train", "--out", str(tmp_path / "y"), "--device", "cuda"], "no CUDA device")]
+                  (["train", "--out", str(tmp_path / "y"), "--device", "cuda"], "no CUDA device"),
+                  (["compare", "--quick", "--device", "cuda"], "no CUDA device")]
     for args, word in cases:
         assert cli(args) == 2, args
         assert_one_line_error(capsys.readouterr().err, word, command=args[0])
