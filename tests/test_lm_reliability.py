@@ -153,11 +153,14 @@ def test_tampered_values_are_refused_by_the_checksum(trained, tmp_path):
         ckpt_io.load_checkpoint(tmp_path / "nosum.pt")
 
 
-def test_version_1_checkpoints_load_with_a_warning(trained, tmp_path):
+def test_version_1_checkpoints_load_with_a_warning(trained, tmp_path, capsys):
     old = {k: v for k, v in raw(trained / "ckpt.pt").items() if k != "sha256"}
     torch.save({**old, "version": 1}, tmp_path / "v1.pt")
     with pytest.warns(ckpt_io.CheckpointWarning, match=r"v1\.pt .*no checksum"):
         assert ckpt_io.load_checkpoint(tmp_path / "v1.pt")["step"] == old["step"]
+    assert cli(["generate", "--ckpt", str(tmp_path / "v1.pt"), "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: checkpoint ") and "no checksum" in err and err.count("\n") == 1, err
 
 
 def test_safetensors_checksum(trained, tmp_path):
