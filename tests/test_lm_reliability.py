@@ -328,14 +328,15 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, m
     import fasttx.lm.train as train_module
 
     real_step = train_module.train_step
-    for bad in (float("nan"), float("inf")):
-        def poisoned(model, *args, bad=bad, **kw):
+    for where, bad in (("loss", float("nan")), ("loss", float("inf")), ("norm", float("inf")),
+                       ("norm", float("nan"))):
+        def poisoned(model, *args, bad=bad, where=where, **kw):
             loss, norm = real_step(model, *args, **kw)
             with torch.no_grad():  # what a blown-up update leaves behind
                 model.blocks[0].linear1.weight.fill_(bad)
-            return loss * bad, norm
+            return (loss * bad, norm) if where == "loss" else (loss, norm * bad)
         monkeypatch.setattr(train_module, "train_step", poisoned)
-        with pytest.raises(TrainingDiverged, match=r"diverged at step 5: loss (nan|inf).*ckpt\.pt \(step 4\) is kept"):
+        with pytest.raises(TrainingDiverged, match=rf"diverged at step 5: .*{bad}.*ckpt\.pt \(step 4\) is kept"):
             train(tiny(corpus, out, resume=True, ckpt_every=1))
         assert (out / "ckpt.pt").read_bytes() == good
         assert cli(train_flags(corpus, out, "--steps", "10", "--resume", "--ckpt-every", "1")) == 1
