@@ -1,6 +1,7 @@
 """Command line: `python -m fasttx info | train | generate | compare`."""
 import argparse
 import sys
+import warnings
 
 # Subcommands whose options and code live in fasttx.lm.<name> (add_arguments(parser), main(args) -> exit code).
 LM_COMMANDS = {
@@ -46,7 +47,9 @@ def main(argv=None):
         from fasttx.info import report
         print(report())
         return 0
-    return module.main(args)
+    with warnings.catch_warnings():  # a warning is one line too (an old checkpoint without a checksum, ...)
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        return module.main(args)
 
 
 if __name__ == "__main__":

@@ -153,11 +153,14 @@ def test_tampered_values_are_refused_by_the_checksum(trained, tmp_path):
         ckpt_io.load_checkpoint(tmp_path / "nosum.pt")
 
 
-def test_version_1_checkpoints_load_with_a_warning(trained, tmp_path):
+def test_version_1_checkpoints_load_with_a_warning(trained, tmp_path, capsys):
     old = {k: v for k, v in raw(trained / "ckpt.pt").items() if k != "sha256"}
     torch.save({**old, "version": 1}, tmp_path / "v1.pt")
     with pytest.warns(ckpt_io.CheckpointWarning, match=r"v1\.pt .*no checksum"):
         assert ckpt_io.load_checkpoint(tmp_path / "v1.pt")["step"] == old["step"]
+    assert cli(["generate", "--ckpt", str(tmp_path / "v1.pt"), "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: checkpoint ") and "no checksum" in err and err.count("\n") == 1, err
 
 
 def test_safetensors_checksum(trained, tmp_path):
@@ -325,14 +328,15 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, m
     import fasttx.lm.train as train_module
 
     real_step = train_module.train_step
-    for bad in (float("nan"), float("inf")):
-        def poisoned(model, *args, bad=bad, **kw):
+    for where, bad in (("loss", float("nan")), ("loss", float("inf")), ("norm", float("inf")),
+                       ("norm", float("nan"))):
+        def poisoned(model, *args, bad=bad, where=where, **kw):
             loss, norm = real_step(model, *args, **kw)
             with torch.no_grad():  # what a blown-up update leaves behind
                 model.blocks[0].linear1.weight.fill_(bad)
-            return loss * bad, norm
+            return (loss * bad, norm) if where == "loss" else (loss, norm * bad)
         monkeypatch.setattr(train_module, "train_step", poisoned)
-        with pytest.raises(TrainingDiverged, match=r"diverged at step 5: loss (nan|inf).*ckpt\.pt \(step 4\) is kept"):
+        with pytest.raises(TrainingDiverged, match=rf"diverged at step 5: .*{bad}.*ckpt\.pt \(step 4\) is kept"):
             train(tiny(corpus, out, resume=True, ckpt_every=1))
         assert (out / "ckpt.pt").read_bytes() == good
         assert cli(train_flags(corpus, out, "--steps", "10", "--resume", "--ckpt-every", "1")) == 1
@@ -402,7 +406,8 @@ def test_cli_errors_are_one_line(trained, tmp_path, capsys):
              (["compare", "--device", "tpu9"], "tpu9")]
     if not torch.cuda.is_available():
         cases += [(["generate", "--ckpt", str(trained / "ckpt.pt"), "--device", "cuda"], "no CUDA device"),
-                  (["train", "--out", str(tmp_path / "y"), "--device", "cuda"], "no CUDA device")]
+                  (["train", "--out", str(tmp_path / "y"), "--device", "cuda"], "no CUDA device"),
+                  (["compare", "--quick", "--device", "cuda"], "no CUDA device")]
     for args, word in cases:
         assert cli(args) == 2, args
         assert_one_line_error(capsys.readouterr().err, word, command=args[0])
@@ -574,3 +579,19 @@ def test_a_failed_write_stops_every_rank_in_one_line(corpus, tmp_path):
     assert run.returncode == 1, run.stdout + run.stderr
     assert_one_line_error(run.stderr, "cannot write", "ckpt.pt", command="train")
     assert not (out / "ckpt.pt").exists() and no_temp_files(out)
+
+
+@pytest.mark.parametrize("command, target", [("train", "fasttx.lm.train.train"),
+                                             ("generate", "fasttx.lm.generate.generate_text"),
+                                             ("compare", "fasttx.lm.compare.compare")])
+def test_ctrl_c_outside_the_training_loop_is_one_line(trained, command, target, monkeypatch, capsys):
+    # Before the loop installs its handler (data, model), while sampling, while comparing: Python's own
+    # KeyboardInterrupt, which would print a traceback.
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(target, interrupted)
+    args = {"train": ["train", "--out", str(trained.parent / "new")], "compare": ["compare", "--quick"],
+            "generate": ["generate", "--ckpt", str(trained / "ckpt.pt")]}[command]
+    assert cli(args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"fasttx {command}: interrupted") and err.count("\n") == 1, err

@@ -5,7 +5,7 @@ so ``torch.load(..., weights_only=True)`` reads it and a file holding anything
 else (a pickled object that could run code) is refused:
 
     format        "fasttx.lm.checkpoint"
-    version       FORMAT_VERSION (bumped when the layout changes; other versions are refused)
+    version       FORMAT_VERSION (bumped when the layout changes; versions not in READABLE_VERSIONS are refused)
     step          optimizer updates done; a resumed run continues the loop at this step
     model         the GPT's state_dict (tied lm_head.weight and tok_emb.weight both present)
     optimizer     the AdamW state_dict

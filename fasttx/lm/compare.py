@@ -243,7 +243,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None,
                         help="folder for compare[_quick]_<dtype>.png/.json (default bench/results/<device>)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--warmup-steps", type=argtypes.integer(0), default=2, help="untimed first steps (losses still compared)")
+    parser.add_argument("--warmup-steps", type=argtypes.integer(0), default=2,
+                        help="untimed first steps (losses still compared)")
 
 
 def format_report(r: dict) -> str:
@@ -286,5 +287,8 @@ def main(args) -> int:
     except ValueError as err:
         print(f"fasttx compare: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fasttx compare: interrupted", file=sys.stderr)
+        return 130
     print(format_report(results))
     return 0  # a benchmark reports its criteria, it does not fail on them

@@ -66,5 +66,8 @@ def main(args) -> int:
     except (ckpt_io.CheckpointError, ValueError, OSError) as err:
         print(f"fasttx generate: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fasttx generate: interrupted", file=sys.stderr)
+        return 130
     print(text)
     return 0

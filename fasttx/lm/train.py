@@ -460,7 +460,8 @@ def main(args) -> int:
             print(f"fasttx train: error: {err}", file=sys.stderr)
         return code
     if args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ:
-        argv = list(args.argv[args.argv.index("train") + 1:])
+        argv = getattr(args, "argv", None) or sys.argv[1:]
+        argv = list(argv[argv.index("train") + 1:])
         for i, a in enumerate(argv):  # the workers are single ranks of this launch
             if len(a.split("=")[0]) > 2 and "--nproc-per-node".startswith(a.split("=")[0]):  # argparse abbreviates
                 del argv[i: i + (1 if "=" in a else 2)]
