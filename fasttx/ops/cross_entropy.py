@@ -22,7 +22,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from fasttx import backends
-from fasttx.ops._checks import check_choice, check_float, check_tensor
+from fasttx.ops._checks import check_choice, check_float, check_int, check_tensor
 from fasttx.ops._eager import eager_function, plain_eager
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -166,8 +166,7 @@ def _check(input, target, ignore_index, reduction):
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     if target.device != input.device:
         raise ValueError(f"fasttx.{_OP}: target is on {target.device} but input is on {input.device}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"fasttx.{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int(_OP, "ignore_index", ignore_index)
     check_choice(_OP, "reduction", reduction, REDUCTIONS)
     if torch.compiler.is_compiling():
         return  # a data-dependent check would break the graph. Then the cpu kernel raises on a bad target,
