@@ -261,8 +261,8 @@ _NARROW = (torch.bfloat16, torch.float16)
 def _mixed_params(op, x, residual, params, out_dtype, rms):
     """torch's mixed parameter dtypes, in one dtype for the kernels: (x, residual, params, out_dtype, x_dtype).
 
-    F.layer_norm takes float32 weight and bias for a bfloat16/float16 input, and F.rms_norm any float
-    weight; both return the input's dtype, computed in the wider one. Here x (and the residual) go to
+    F.layer_norm takes float32 weight and bias for a bfloat16/float16 input (a float32 bias alone
+    too, though its backward then fails), and F.rms_norm any float weight; both return the input's dtype, computed in the wider one. Here x (and the residual) go to
     that dtype and the parameters to it, and the output is rounded once to x's dtype: exact casts,
     so the result is torch's, and the parameters' gradients come back in their own dtype. Anything
     else (or autocast, whose casts params_like makes) passes through for the checks to judge.
