@@ -49,6 +49,9 @@ def check_bool(op: str, name: str, value) -> None:
 
 def check_real(op: str, name: str, value, low=None, high=None, none_ok=False) -> None:
     """A finite int or float in [low, high] (either bound may be None), or None where none_ok."""
+    if type(value) is float and math.isfinite(value) and (low is None or value >= low) \
+            and (high is None or value <= high):
+        return  # the common case first: a norm's whole Python path is a few microseconds
     if value is None and none_ok:
         return
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
@@ -64,6 +67,10 @@ def check_real(op: str, name: str, value, low=None, high=None, none_ok=False) ->
 
 def check_shape(op: str, name: str, value) -> tuple:
     """An int or a sequence of ints (a torch.Size, list or tuple) of sizes >= 0, as a tuple."""
+    if type(value) is int and value >= 0:
+        return (value,)
+    if type(value) in (tuple, torch.Size) and all(type(d) is int and d >= 0 for d in value):
+        return tuple(value)
     dims = (value,) if isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool) else value
     if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(dims, Sequence) or \
             any(isinstance(d, bool) or not isinstance(d, (numbers.Integral, torch.SymInt)) for d in dims):

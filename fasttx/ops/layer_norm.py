@@ -262,14 +262,18 @@ def _mixed_params(op, x, residual, params, out_dtype, rms):
     """torch's mixed parameter dtypes, in one dtype for the kernels: (x, residual, params, out_dtype, x_dtype).
 
     F.layer_norm takes float32 weight and bias for a bfloat16/float16 input (a float32 bias alone
-    too, though its backward then fails), and F.rms_norm any float weight; both return the input's dtype, computed in the wider one. Here x (and the residual) go to
-    that dtype and the parameters to it, and the output is rounded once to x's dtype: exact casts,
-    so the result is torch's, and the parameters' gradients come back in their own dtype. Anything
-    else (or autocast, whose casts params_like makes) passes through for the checks to judge.
+    too, though its backward then fails), and F.rms_norm any float weight; both return the input's
+    dtype, computed in the wider one. Here x (and the residual) and the parameters go to that dtype,
+    and the output is rounded once to x's: exact casts, so the result is torch's, and the
+    parameters' gradients come back in their own dtype. Anything else (or autocast, whose casts
+    params_like makes) passes through for the checks to judge. x_dtype is None when nothing changed.
     """
+    x_dtype = getattr(x, "dtype", None)
+    if all(p is None or getattr(p, "dtype", x_dtype) == x_dtype for p in params):
+        return x, residual, params, out_dtype, None  # the common case, first and cheap
     given = [p for p in params if isinstance(p, Tensor)]
-    if not isinstance(x, Tensor) or not x.is_floating_point() or all(p.dtype == x.dtype for p in given)             or not all(p.is_floating_point() for p in given) or (x.device.type in ("cpu", "cuda")
-                                                                  and torch.is_autocast_enabled(x.device.type)):
+    if not isinstance(x, Tensor) or not x.is_floating_point() or not all(p.is_floating_point() for p in given) \
+            or (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)):
         return x, residual, params, out_dtype, None
     if rms:
         dtype = x.dtype
@@ -278,10 +282,9 @@ def _mixed_params(op, x, residual, params, out_dtype, rms):
     elif x.dtype in _NARROW and all(p.dtype == torch.float32 for p in given):
         dtype = torch.float32
     else:
-        bad = next(name for name, p in zip(("weight", "bias"), params) if isinstance(p, Tensor) and p.dtype != x.dtype)
-        raise TypeError(f"fasttx.{op}: {bad} has dtype {dict(zip(('weight', 'bias'), params))[bad].dtype} but x "
-                        f"has {x.dtype}; {op} takes weight and bias in x's dtype, or both in float32 for a "
-                        "bfloat16/float16 x, as torch does")
+        name, bad = next((n, p) for n, p in zip(("weight", "bias"), params) if p is not None and p.dtype != x.dtype)
+        raise TypeError(f"fasttx.{op}: {name} has dtype {bad.dtype} but x has {x.dtype}; {op} takes weight and "
+                        "bias in x's dtype, or both in float32 for a bfloat16/float16 x, as torch does")
     if residual is not None and not (isinstance(residual, Tensor) and residual.dtype == x.dtype):
         return x, residual, params, out_dtype, None  # the residual check says what is wrong
     cast = lambda t: t.to(dtype) if isinstance(t, Tensor) else t
