@@ -16,7 +16,6 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <memory>
 #include <optional>
@@ -68,6 +67,7 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["has_residual"] = has_residual;
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["rms"] = rms;
+    ctx->saved_data["eps"] = eps;
     // x's grad, when x is narrower than s: the kernel writes it beside s's.
     ctx->saved_data["x_dtype"] = has_residual && x.scalar_type() != s.scalar_type()
                                      ? c10::IValue(static_cast<int64_t>(x.scalar_type()))
@@ -88,29 +88,37 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     const at::Tensor grad_y = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(s);
     const at::Tensor grad_s = has_residual && grads[1].defined() ? grads[1].contiguous() : at::Tensor();
     at::Tensor gx, gw, gb, gx_low;
-    {
-      at::NoGradGuard no_grad;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: autograd records this backward
+      std::tie(gx, gw, gb) = differentiable_backward(grad_y, grad_s, s, weight, has_bias, rms,
+                                                     ctx->saved_data["eps"].toDouble());
+      if (low) gx_low = gx.to(*low);
+    } else {
       std::tie(gx, gw, gb, gx_low) = norm_bwd_cpu(grad_y, maybe(grad_s), s, maybe(mean), rstd, maybe(weight),
                                                   has_bias, rms, low);
     }
-    variable_list out = {low ? gx_low : gx, has_residual ? gx : at::Tensor(), weight.defined() ? gw : at::Tensor(),
-                         has_bias ? gb : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    return once_differentiable(grads, std::move(out));
+    return {low ? gx_low : gx, has_residual ? gx : at::Tensor(), weight.defined() ? gw : at::Tensor(),
+            has_bias ? gb : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
-  // As Python's @once_differentiable: with create_graph=True, the gradients
-  // carry a node that raises if anyone differentiates them, never a silent zero.
-  static variable_list once_differentiable(const variable_list& grads, variable_list out) {
-    bool grads_require_grad = false;
-    for (const auto& g : grads) grads_require_grad |= g.defined() && g.requires_grad();
-    if (!at::GradMode::is_enabled() || !grads_require_grad) return out;
-    auto error = std::make_shared<torch::autograd::DelayedError>(
-        "fasttx's norm backward is not differentiable: a second derivative through layer_norm, add_layer_norm "
-        "or rms_norm is not supported",
-        static_cast<int64_t>(out.size()));
-    for (auto& t : out)
-      if (t.defined()) t = t.detach().requires_grad_(true);
-    return (*error)(std::move(out));
+  // The backward in ATen ops, so that a second derivative (a gradient penalty) gets every term; the
+  // kernel's would be constants to autograd. The statistics are recomputed from s for the same reason:
+  // the saved mean and rstd carry no graph. _torch_backward in fasttx/ops/layer_norm.py, in C++.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_backward(
+      const at::Tensor& grad_y, const at::Tensor& grad_s, const at::Tensor& s, const at::Tensor& weight,
+      bool has_bias, bool rms, double eps) {
+    const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor sa = s.to(acc), gy = grad_y.to(acc);
+    const at::Tensor centred = rms ? sa : sa - sa.mean(-1, true);
+    const at::Tensor rstd = at::rsqrt(centred.square().mean(-1, true) + eps);
+    const at::Tensor xhat = centred * rstd;
+    const at::Tensor g = weight.defined() ? gy * weight.to(acc) : gy;
+    const at::Tensor proj = (g * xhat).mean(-1, true);
+    at::Tensor gx = (rms ? g - proj * xhat : g - g.mean(-1, true) - proj * xhat) * rstd;
+    if (grad_s.defined()) gx = gx + grad_s.to(acc);
+    const at::Tensor gw = weight.defined() ? (gy * xhat).sum(0).to(weight.scalar_type()) : at::Tensor();
+    const at::Tensor gb = has_bias ? gy.sum(0).to(weight.defined() ? weight.scalar_type() : s.scalar_type())
+                                   : at::Tensor();
+    return {gx.to(s.scalar_type()), gw, gb};
   }
 };
 

@@ -63,8 +63,9 @@ class _SplitHeads(torch.autograd.Function):
 
 def split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v (batch, heads, seq_len, head_dim) as views of qkv (batch, seq_len, 3 * d_model)."""
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and qkv.requires_grad):
-        return _heads(qkv, n_heads)  # inductor plans the gradient's layout itself
+    # Inductor plans the gradient's layout itself; torch.jit.trace would record the Function as a PythonOp.
+    if torch.compiler.is_compiling() or torch._C._is_tracing() or not (torch.is_grad_enabled() and qkv.requires_grad):
+        return _heads(qkv, n_heads)
     return _SplitHeads.apply(qkv, n_heads)
 
 

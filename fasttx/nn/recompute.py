@@ -18,8 +18,9 @@ or read by a recipe) that is modified in place after the forward raises in
 backward with autograd's own message, as it would without the hooks.
 
 Nothing is installed under torch.compile (its partitioner chooses what to
-recompute), without grad mode, or when other saved-tensor hooks are active
-(torch.utils.checkpoint, save_on_cpu): ours would shadow them. A recipe
+recompute) or torch.jit.trace (a trace keeps no hooks), without grad mode, or
+when other saved-tensor hooks are active (torch.utils.checkpoint,
+save_on_cpu): ours would shadow them. A recipe
 registered under autocast replays under the same autocast settings.
 
 Under autocast, the lower-precision copies that a linear saves (of a weight,
@@ -151,8 +152,8 @@ def recomputed_activations() -> Iterator[None]:
 
     Nested uses share the outer one's hooks.
     """
-    if (torch.compiler.is_compiling() or _CURRENT.get() is not None or not torch.is_grad_enabled()
-            or _other_hooks_active()):
+    if (torch.compiler.is_compiling() or torch._C._is_tracing() or _CURRENT.get() is not None
+            or not torch.is_grad_enabled() or _other_hooks_active()):
         yield
         return
     recipes = Recipes()

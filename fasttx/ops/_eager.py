@@ -14,15 +14,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def plain_eager(*tensors) -> bool:
-    """True when nothing traces this call: no compiler, no dispatch or function mode,
-    no functorch transform, and only plain tensors or nn.Parameters (FakeTensor,
-    FunctionalTensor and other subclasses are not)."""
+    """True when nothing traces this call: no compiler, no torch.jit.trace, no dispatch or
+    function mode, no functorch transform, and only plain tensors or nn.Parameters
+    (FakeTensor, FunctionalTensor and other subclasses are not)."""
     return (not torch.compiler.is_compiling()
+            and not torch._C._is_tracing()  # torch.jit.trace records the registered op; a Function runs untraced
             and _get_current_dispatch_mode() is None
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._functorch.maybe_current_level() is None
@@ -40,6 +40,10 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
     Written in the ctx-first style on purpose: with a separate setup_context,
     Function.apply binds the arguments through inspect.signature on every call,
     which alone costs more than a small kernel.
+
+    ``backward`` runs with grad mode on when autograd records it (create_graph=True):
+    then it must compute in differentiable torch ops (see graphed_backward), never a
+    kernel whose result would be a constant to autograd.
     """
     def run_forward(ctx, *inputs):
         output = forward(*inputs)
@@ -48,5 +52,13 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(run_forward),
-        "backward": staticmethod(once_differentiable(backward)),
+        "backward": staticmethod(backward),
     })
+
+
+def graphed_backward() -> bool:
+    """True in a backward that autograd records (``create_graph=True``, as a gradient penalty or
+    ``torch.autograd.gradgradcheck`` runs it). A kernel's gradients would come back as constants
+    there and silently drop the second derivative's terms, so the ops then compute their
+    gradients in torch ops from the saved inputs, statistics included."""
+    return torch.is_grad_enabled()

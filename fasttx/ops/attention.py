@@ -27,7 +27,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import lower_precision
 from fasttx.ops._checks import check_bool, check_float, check_real, check_same, check_tensor
-from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
 from fasttx.ops.philox import dropout_keep_mask
 
 _OP = "scaled_dot_product_attention"
@@ -96,6 +96,7 @@ def _torch_forward(q, k, v, mask, is_causal, scale, dropout_p, seed, offset):
 
 
 def _torch_backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, offset):
+    # Differentiable torch ops: with out and lse recomputed, also the backward that autograd records.
     Hk = k.shape[1]
     s = _scores(q, k, mask, is_causal, scale)
     acc = s.dtype
@@ -288,8 +289,12 @@ def _autograd_backward(backward):
         if grad_out is None:  # the output did not reach the loss
             return None, None, None, None, None, None, None, None, None
         q, k, v, out, lse, mask, seed = ctx.saved_tensors
-        grads = backward(grad_out, q, k, v, out, lse, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed,
-                         ctx.backend)
+        if graphed_backward():  # create_graph=True: out and lse recomputed, as the saved lse carries no graph
+            args = (mask, ctx.is_causal, ctx.scale, ctx.dropout_p, int(seed), 0)
+            grads = _torch_backward(grad_out, q, k, v, *_torch_forward(q, k, v, *args), *args)
+        else:
+            grads = backward(grad_out, q, k, v, out, lse, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed,
+                             ctx.backend)
         return (*grads, None, None, None, None, None, None)
     return run
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import promoted
 from fasttx.ops._checks import check_choice, check_float, check_same, check_tensor
-from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
 
 APPROXIMATIONS = ("none", "tanh")
 _OP = "bias_gelu"
@@ -32,10 +32,12 @@ def _torch_forward(x2d, bias, approximate):
     return bias_gelu_ref(x2d, bias, approximate)
 
 
-def _torch_backward(grad2d, x2d, bias, approximate):
-    z = (x2d + bias).float()
-    grad_x = torch.ops.aten.gelu_backward(grad2d.float(), z, approximate=approximate)
-    return grad_x.to(x2d.dtype), grad_x.sum(0).to(bias.dtype)
+def _torch_backward(grad, x, bias, approximate):
+    # Differentiable torch ops on x of any shape: also the backward that autograd records (create_graph=True).
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = (x + bias).to(acc)
+    grad_x = torch.ops.aten.gelu_backward(grad.to(acc), z, approximate=approximate)
+    return grad_x.to(x.dtype), grad_x.sum_to_size(bias.shape).to(bias.dtype)
 
 
 # ---- the other backends ---------------------------------------------------------
@@ -129,7 +131,10 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(backward):
     def run(ctx, grad):
         x, bias = ctx.saved_tensors
-        grad_x, grad_bias = backward(grad, x, bias, ctx.approximate, ctx.backend)
+        if graphed_backward():
+            grad_x, grad_bias = _torch_backward(grad, x, bias, ctx.approximate)
+        else:
+            grad_x, grad_bias = backward(grad, x, bias, ctx.approximate, ctx.backend)
         return grad_x, grad_bias, None, None
     return run
 

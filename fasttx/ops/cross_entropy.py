@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from fasttx import backends
 from fasttx.ops._checks import check_choice, check_float, check_int, check_tensor
-from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
 
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "cross_entropy"
@@ -58,6 +58,15 @@ def _torch_backward(grad_rows, logits, target, row_max, log_sum, ignore_index):
     grad = torch.exp((x - row_max[:, None]) - log_sum[:, None])
     grad.scatter_add_(1, target.masked_fill(ignored, 0)[:, None], -torch.ones_like(log_sum)[:, None])
     return (grad * torch.where(ignored, 0.0, grad_rows)[:, None]).to(logits.dtype)
+
+
+def _differentiable_backward(grad_rows, logits, target, ignore_index):
+    """The gradient in torch ops that autograd can differentiate again, for a backward it records
+    (create_graph=True); softmax from the logits, as the saved lse carries no graph."""
+    x = logits.to(_acc_dtype(logits.dtype))
+    ignored = target == ignore_index
+    onehot = F.one_hot(target.masked_fill(ignored, 0), x.shape[1]).to(x.dtype)
+    return ((torch.softmax(x, -1) - onehot) * torch.where(ignored, 0.0, grad_rows)[:, None]).to(logits.dtype)
 
 
 def _cpu_forward(*args):
@@ -141,6 +150,8 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(backward):
     def run(ctx, grad_loss, _grad_max, _grad_log_sum):
         logits, target, row_max, log_sum = ctx.saved_tensors
+        if graphed_backward():
+            return _differentiable_backward(grad_loss, logits, target, ctx.ignore_index), None, None, None
         return backward(grad_loss, logits, target, row_max, log_sum, ctx.ignore_index, ctx.backend), None, None, None
     return run
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import lower_precision
 from fasttx.ops._checks import check_choice, check_float, check_same, check_tensor
-from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 _ACTIVATION_CODE = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # csrc/common/activation.h Activation
@@ -61,6 +61,7 @@ def _torch_forward(x, w1, b1, w2, b2, activation):
 
 
 def _torch_backward(grad_out, x, preact, w1, w2, has_b1, has_b2, activation):
+    # Differentiable torch ops: with preact recomputed, also the backward that autograd records.
     grad_h = _activation_grad(grad_out @ w2, preact, activation)
     grad_w2 = grad_out.t() @ activation_ref(preact, activation)
     return (grad_h @ w1, grad_h.t() @ x, _column_sum(grad_h) if has_b1 else None, grad_w2,
@@ -155,7 +156,7 @@ def _(grad_out, x, preact, w1, w2, has_b1, has_b2, activation, backend):
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, activation, backend = inputs
-    ctx.save_for_backward(x, output[1], w1, w2)  # never the activation: the backward recomputes it
+    ctx.save_for_backward(x, output[1], w1, w2, b1)  # never the activation: the backward recomputes it
     ctx.has_b1, ctx.has_b2, ctx.activation, ctx.backend = b1 is not None, b2 is not None, activation, backend
     ctx.mark_non_differentiable(output[1])
     # preact never has a gradient: without this autograd would hand the backward a (M, d_hidden) tensor of
@@ -167,9 +168,13 @@ def _autograd_backward(backward):
     def run(ctx, grad_out, _grad_preact):
         if grad_out is None:  # the output did not reach the loss
             return None, None, None, None, None, None, None
-        x, preact, w1, w2 = ctx.saved_tensors
-        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = backward(grad_out, x, preact, w1, w2, ctx.has_b1, ctx.has_b2,
-                                                              ctx.activation, ctx.backend)
+        x, preact, w1, w2, b1 = ctx.saved_tensors
+        if graphed_backward():  # create_graph=True: the saved preact carries no graph, so it is recomputed
+            grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = _torch_backward(
+                grad_out, x, F.linear(x, w1, b1), w1, w2, ctx.has_b1, ctx.has_b2, ctx.activation)
+        else:
+            grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = backward(grad_out, x, preact, w1, w2, ctx.has_b1,
+                                                                  ctx.has_b2, ctx.activation, ctx.backend)
         return (grad_x, grad_w1, grad_b1 if ctx.has_b1 else None, grad_w2, grad_b2 if ctx.has_b2 else None,
                 None, None)
     return run

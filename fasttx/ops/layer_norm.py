@@ -23,7 +23,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import params_like, promoted
 from fasttx.ops._checks import check_float, check_real, check_same, check_shape, check_tensor
-from fasttx.ops._eager import PLAIN_TENSOR_TYPES as _PLAIN, eager_function, plain_eager
+from fasttx.ops._eager import PLAIN_TENSOR_TYPES as _PLAIN, eager_function, graphed_backward, plain_eager
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -85,6 +85,13 @@ def _torch_backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms):
     grad_weight = (gy * xhat).sum(0).to(weight.dtype) if weight is not None else None
     grad_bias = gy.sum(0).to(_param_dtype(weight, s)) if has_bias else None
     return grad_input.to(s.dtype), grad_weight, grad_bias
+
+
+def _differentiable_backward(grad_y, grad_s, s, weight, has_bias, rms, eps):
+    """_torch_backward with the statistics recomputed from s: the saved ones carry no graph, so a
+    backward that autograd records (create_graph=True) would miss their terms."""
+    _, _, mean, rstd = _torch_forward(s, None, None, None, eps, rms)
+    return _torch_backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms)
 
 
 def _cpu_forward(*args):
@@ -195,6 +202,7 @@ def _setup_context(ctx, inputs, output):
     y, s, mean, rstd = output
     ctx.save_for_backward(s if residual is not None else x, mean, rstd, weight)
     ctx.has_residual, ctx.has_bias, ctx.rms, ctx.backend = residual is not None, bias is not None, rms, backend
+    ctx.eps = eps
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # add_layer_norm's s often has no gradient; don't add zeros
 
@@ -204,9 +212,13 @@ def _autograd_backward(norm_backward):
         s, mean, rstd, weight = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(s)
-        grad_input, grad_weight, grad_bias = norm_backward(
-            grad_y, grad_s if ctx.has_residual else None, s, None if ctx.rms else mean, rstd,
-            weight, ctx.has_bias, ctx.rms, ctx.backend)
+        grad_s = grad_s if ctx.has_residual else None
+        if graphed_backward():
+            grad_input, grad_weight, grad_bias = _differentiable_backward(grad_y, grad_s, s, weight, ctx.has_bias,
+                                                                          ctx.rms, ctx.eps)
+        else:
+            grad_input, grad_weight, grad_bias = norm_backward(grad_y, grad_s, s, None if ctx.rms else mean, rstd,
+                                                               weight, ctx.has_bias, ctx.rms, ctx.backend)
         return (grad_input, grad_input if ctx.has_residual else None,
                 grad_weight if weight is not None else None, grad_bias if ctx.has_bias else None, None, None, None)
     return run
@@ -235,7 +247,7 @@ _PLAIN_OR_NONE = (*_PLAIN, type(None))
 def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms, out_dtype):
     if (type(x) not in _PLAIN or not x.is_cpu or type(residual) not in _PLAIN_OR_NONE
             or type(weight) not in _PLAIN_OR_NONE or type(bias) not in _PLAIN_OR_NONE
-            or torch.compiler.is_compiling()
+            or torch.compiler.is_compiling() or torch._C._is_tracing()
             or not backends.cpu_backend_takes_cpu_tensors(backends.requested_backend())):
         return None
     shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx import backends
-from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
 
 linear_ref = F.linear
 
@@ -41,8 +41,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad
-    grad_x, grad_w, grad_b = backends.extension().linear_bwd_cpu(grad_out.contiguous(), x, weight, needs_x, needs_w,
-                                                                 ctx.has_bias and needs_b)
+    if graphed_backward():  # create_graph=True: in torch ops, which autograd can differentiate again
+        grad_x, grad_w, grad_b = grad_out @ weight, grad_out.t() @ x, grad_out.sum(0)
+    else:
+        grad_x, grad_w, grad_b = backends.extension().linear_bwd_cpu(grad_out.contiguous(), x, weight, needs_x,
+                                                                     needs_w, ctx.has_bias and needs_b)
     return grad_x if needs_x else None, grad_w if needs_w else None, grad_b if ctx.has_bias and needs_b else None
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fasttx import backends
 from fasttx.ops._checks import check_bool, check_float, check_real, check_tensor
-from fasttx.ops._eager import eager_function, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
 from fasttx.ops.attention import _acc_dtype, _additive_mask, causal_mask
 
 _OP = "softmax"
@@ -50,6 +50,7 @@ def _torch_forward(x, scale, mask, is_causal):
 
 
 def _torch_backward(grad_y, y, scale):
+    # Differentiable in grad_y and y: also the backward that autograd records (create_graph=True).
     acc = _acc_dtype(y.dtype)
     g, ya = grad_y.to(acc), y.to(acc)
     return (ya * (g - (g * ya).sum(-1, keepdim=True)) * scale).to(y.dtype)
@@ -132,7 +133,9 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(backward):
     def run(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        return backward(grad_y, y, ctx.scale, ctx.backend), None, None, None, None
+        grad_x = _torch_backward(grad_y, y, ctx.scale) if graphed_backward() else backward(grad_y, y, ctx.scale,
+                                                                                           ctx.backend)
+        return grad_x, None, None, None, None
     return run
 
 
