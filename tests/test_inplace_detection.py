@@ -13,6 +13,8 @@ forwards before their backwards, no_grad, and gradient checkpointing.
 """
 import contextlib
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -277,3 +279,15 @@ def test_second_order_gradients_through_the_region_are_unaffected():
         results.append((x.grad, w.grad))
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_a_forward_without_backward_frees_what_it_saved():
+    """A node that saves its own output held it, and so itself, through the hooks: a cycle the collector
+    cannot see, which leaked every forward run without a backward."""
+    x = torch.randn(1000, requires_grad=True)
+    with recomputed_activations():
+        y = x.exp()  # exp saves its own output
+    alive = weakref.ref(y)
+    del y
+    gc.collect()
+    assert alive() is None
