@@ -1,0 +1,238 @@
+"""PyTorch's own OpInfo samples through fasttx: test cases no one here wrote.
+
+Every sample input that PyTorch's test suite (``op_db`` in torch.testing._internal) gives
+layer_norm, rms_norm, gelu, softmax, scaled_dot_product_attention and cross_entropy, in float32,
+bfloat16, float16 and float64, goes to the fasttx function that replaces the op. Either fasttx's
+output and the gradients of every input are within FlashAttention's rule against the float64 truth
+(tests/tolerance.py: 2x PyTorch's own error forward, 3x backward), or fasttx refuses the sample, and
+then it must be one that REFUSALS below names, with the error REFUSALS expects. The op's error
+inputs (what PyTorch itself raises on) must be refused by fasttx too.
+
+torch.testing._internal is not a public API: a new torch may add samples or change them. A new
+sample either passes, or fails here and is looked at; it is never skipped silently.
+"""
+import math
+import re
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fasttx
+from fasttx.ops.philox import dropout_keep_mask
+
+from tolerance import assert_within_torch_error
+
+# op_db imports expecttest, which torch does not declare; requirements-dev.lock installs it.
+pytest.importorskip("expecttest", reason="torch's OpInfo database needs expecttest (requirements-dev.lock has it)")
+# Importing it also freezes torch.backends flags outside their flags() context managers for the
+# rest of the process (torch.backends.disable_global_flags); no fasttx test sets them.
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---- how fasttx runs each op's samples: same arguments as the torch op -----------------
+
+def _gelu(x, approximate="none"):
+    return fasttx.bias_gelu(x, x.new_zeros(x.shape[-1:]), approximate)
+
+
+def _softmax(x, dim, dtype=None):
+    """fasttx.softmax normalises the last dim of attention scores: move dim there and back."""
+    if dtype is not None:
+        x = x.to(dtype)  # torch.softmax(dtype=) casts the input first
+    if x.dim() < 2:
+        return fasttx.softmax(x)  # refused: fasttx takes scores (..., Tq, Tk)
+    return fasttx.softmax(x.movedim(dim, -1)).movedim(-1, dim)
+
+
+FASTTX = {
+    "nn.functional.layer_norm": fasttx.layer_norm,
+    "nn.functional.rms_norm": fasttx.rms_norm,
+    "nn.functional.gelu": _gelu,
+    "softmax": _softmax,
+    "nn.functional.scaled_dot_product_attention": fasttx.scaled_dot_product_attention,
+    "nn.functional.cross_entropy": fasttx.cross_entropy,
+}
+
+
+# ---- the samples fasttx refuses on purpose, and the error each must give ---------------
+# (predicate on (input, args, kwargs), exception type, regex the message must match). The first match wins.
+
+def _float_tensor(t):
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+REFUSALS = {
+    "softmax": [
+        (lambda x, a, kw: x.dim() < 2, ValueError,
+         r"fasttx\.softmax: x must have shape \(\.\.\., Tq, Tk\) with at least 2 dims"),
+    ],
+    "nn.functional.scaled_dot_product_attention": [
+        (lambda x, a, kw: getattr(kw.get("attn_mask"), "requires_grad", False), ValueError,
+         r"fasttx\.scaled_dot_product_attention: attn_mask requires grad; fasttx computes no gradient for the mask"),
+    ],
+    "nn.functional.cross_entropy": [
+        (lambda x, a, kw: "weight" in kw, TypeError, r"unexpected keyword argument 'weight'"),
+        (lambda x, a, kw: x.dim() != 2, ValueError, r"fasttx\.cross_entropy: input must be \(N, C\) logits"),
+        (lambda x, a, kw: _float_tensor(a[0]), TypeError,
+         r"fasttx\.cross_entropy: target must hold int64 class indices, got torch\.(float|bfloat)"),
+    ],
+}
+
+
+def _refusal(op, x, args, kwargs):
+    return next(((exc, regex) for pred, exc, regex in REFUSALS.get(op, ()) if pred(x, args, kwargs)), None)
+
+
+# ---- the samples, one test each ----------------------------------------------------------
+
+def _describe(v, dtype):
+    if isinstance(v, torch.Tensor):
+        shape = "x".join(map(str, v.shape)) or "scalar"
+        return shape if v.dtype == dtype else f"{shape}:{str(v.dtype)[6:]}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ",".join(_describe(i, dtype) for i in v) + ")"
+    return str(v)[6:] if isinstance(v, torch.dtype) else str(v)
+
+
+def _sample_id(op, variant, dtype, i, s):
+    name = op.replace("nn.functional.", "").replace("scaled_dot_product_attention", "sdpa")
+    parts = [_describe(s.input, dtype)] + [_describe(a, dtype) for a in s.args]
+    parts += [f"{k}={_describe(v, dtype)}" for k, v in s.kwargs.items()]
+    return f"{name}{'_' + variant if variant else ''}-{str(dtype)[6:]}-{i}-" + ",".join(parts).replace(" ", "")
+
+
+def _samples():
+    params = []
+    for info in op_db:
+        if info.name not in FASTTX:
+            continue
+        for dtype in DTYPES:
+            if dtype not in info.supported_dtypes("cpu"):
+                continue
+            torch.manual_seed(0)
+            for i, s in enumerate(info.sample_inputs("cpu", dtype, requires_grad=True)):
+                params.append(pytest.param(info, dtype, s, id=_sample_id(info.name, info.variant_test_name, dtype, i, s)))
+    return params
+
+
+def _error_samples():
+    return [pytest.param(info, e, id=_sample_id(info.name, info.variant_test_name, e.sample_input.input.dtype, i,
+                                                e.sample_input))
+            for info in op_db if info.name in FASTTX and info.error_inputs_func is not None
+            for i, e in enumerate(info.error_inputs("cpu"))]
+
+
+# ---- running a sample: fasttx, torch in the sample's dtype, torch in float64 -------------
+
+def _map_tensors(fn, v):
+    if isinstance(v, torch.Tensor):
+        return fn(v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_map_tensors(fn, i) for i in v)
+    if isinstance(v, dict):
+        return {k: _map_tensors(fn, i) for k, i in v.items()}
+    return v
+
+
+def _leaves(call):
+    """(name, tensor) of each input that requires grad, named as the torch op's sample passes it."""
+    x, args, kwargs = call
+    named = [("input", x), *((f"args[{i}]", a) for i, a in enumerate(args)), *kwargs.items()]
+    return [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _fresh(sample, cast=None):
+    """(input, args, kwargs) as new leaves: the sample's tensors, floating ones cast to ``cast``."""
+    def copy(t):
+        c = t.detach().to(cast) if cast is not None and t.is_floating_point() else t.detach().clone()
+        return c.requires_grad_(t.requires_grad)
+    return _map_tensors(copy, (sample.input, sample.args, sample.kwargs))
+
+
+def _forward_backward(fn, call, grad_out=None):
+    """fn's output and the gradients of every input that requires grad, for ``grad_out``
+    (a seeded draw when None, returned too, so that the other runs use the same one)."""
+    x, args, kwargs = call
+    out = fn(x, *args, **kwargs)
+    if grad_out is None:
+        gen = torch.Generator().manual_seed(zlib.crc32(repr(out.shape).encode()))
+        grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    leaves = _leaves(call)
+    grads = torch.autograd.grad(out, [t for _, t in leaves], grad_out.to(out.dtype), allow_unused=True)
+    return out.detach(), dict(zip((name for name, _ in leaves), grads)), grad_out
+
+
+def _attention_with_keep(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                         keep=None):
+    """SDPA's math with a given dropout keep mask, in the inputs' dtype: torch's SDPA draws its own mask."""
+    assert attn_mask is None, "no OpInfo sample combines a mask with dropout"
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], -3) for t in (k, v))
+    s = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return (torch.softmax(s, -1) * keep.to(s.dtype) / (1 - dropout_p)) @ v
+
+
+def _dropout_keep(q, k, dropout_p):
+    """The keep mask of the next fasttx call with dropout: its seed is the next draw of the CPU generator,
+    its Philox stream that of fasttx.ops.attention on the (flattened batch, head, Tq, Tk) scores."""
+    state = torch.get_rng_state()
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    torch.set_rng_state(state)
+    batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3])
+    keep = dropout_keep_mask(seed, 0, math.prod(batch), q.shape[-3], q.shape[-2], k.shape[-2], dropout_p, q.device)
+    return keep.view(*batch, *keep.shape[1:])
+
+
+def _check(out, truth, torch_out, factor, what):
+    """FlashAttention's rule where the truth is finite; elsewhere (a negative eps) the very same non-finite value."""
+    finite = truth.isfinite()
+    assert torch.equal(out.isfinite(), finite), f"{what}: finite at other places than the float64 truth"
+    if not finite.all():
+        torch.testing.assert_close(out[~finite].double(), truth[~finite], rtol=0, atol=0, equal_nan=True,
+                                   msg=f"{what}: other non-finite values than the float64 truth")
+        out, truth, torch_out = (t.masked_fill(~finite, 0) for t in (out, truth, torch_out))
+    assert_within_torch_error(out, truth, torch_out, factor=factor, what=what)
+
+
+@pytest.mark.parametrize("info,dtype,sample", _samples())
+def test_sample(info, dtype, sample, request):
+    torch.manual_seed(zlib.crc32(request.node.callspec.id.encode()))
+    op, call = info.name, _fresh(sample)
+    refusal = _refusal(op, *call)
+    if refusal is not None:
+        exc, regex = refusal
+        with pytest.raises(exc, match=regex):
+            FASTTX[op](call[0], *call[1], **call[2])
+        return
+
+    reference = info.op
+    dropout_p = sample.kwargs.get("dropout_p", 0.0)
+    if dropout_p > 0:  # fasttx's and torch's dropout masks differ: hold both runs to fasttx's mask
+        keep = _dropout_keep(sample.input, sample.args[0], dropout_p)
+        reference = lambda *a, **kw: _attention_with_keep(*a, **kw, keep=keep)  # noqa: E731
+    out, grads, grad_out = _forward_backward(FASTTX[op], call)  # first: it draws the dropout seed
+    torch_out, torch_grads, _ = _forward_backward(reference, _fresh(sample), grad_out)
+    truth, truth_grads, _ = _forward_backward(reference, _fresh(sample, torch.float64), grad_out)
+
+    what = request.node.callspec.id
+    _check(out, truth, torch_out, 2, f"{what}: output")
+    assert grads.keys() == truth_grads.keys()
+    for name, t in truth_grads.items():
+        g = grads[name]
+        assert (g is None) == (t is None), f"{what}: the gradient of {name} is {g} where torch's is {t}"
+        if t is not None:
+            _check(g, t, torch_grads[name], 3, f"{what}: gradient of {name}")
+
+
+@pytest.mark.parametrize("info,error", _error_samples())
+def test_error_input(info, error):
+    """What PyTorch refuses, fasttx refuses too, saying so: never an answer."""
+    s = error.sample_input
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=r"fasttx\.\w+: "):
+        FASTTX[info.name](s.input, *s.args, **s.kwargs)
