@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import fasttx
 from fasttx.ops.philox import dropout_keep_mask
 
-from tolerance import assert_within_torch_error
+from tolerance import assert_within_torch_error, rounding_atol
 
 # op_db imports expecttest, which torch does not declare; requirements-dev.lock installs it.
 pytest.importorskip("expecttest", reason="torch's OpInfo database needs expecttest (requirements-dev.lock has it)")
@@ -197,7 +197,7 @@ def _check(out, truth, torch_out, factor, what):
         torch.testing.assert_close(out[~finite].double(), truth[~finite], rtol=0, atol=0, equal_nan=True,
                                    msg=f"{what}: other non-finite values than the float64 truth")
         out, truth, torch_out = (t.masked_fill(~finite, 0) for t in (out, truth, torch_out))
-    assert_within_torch_error(out, truth, torch_out, factor=factor, what=what)
+    assert_within_torch_error(out, truth, torch_out, factor=factor, atol=rounding_atol(truth, out.dtype), what=what)
 
 
 @pytest.mark.parametrize("info,dtype,sample", _samples())
