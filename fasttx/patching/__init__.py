@@ -1,17 +1,20 @@
 """fasttx.patch(model) and fasttx.unpatch(model): swap the compute of known modules for fasttx's kernels.
 
 A patch changes a module's class to a subclass that overrides ``forward``
-(or one other method or property): the parameters, buffers, their names (so the state_dict),
-hooks and ``isinstance`` checks stay as they were, and ``unpatch`` puts the
-original class back. A patched method that computes submodules without calling
-them (a TransformerEncoderLayer's norms and linears) runs the original code in
-any call where one of them has a hook (spec.runs_hooks), so hooks fire as
-unpatched. A patched module pickles, torch.saves and deepcopies: it is rebuilt,
-patched, from its original class and the patch's methods (_reduce_ex).
-torch.jit.script refuses it with an error that names fasttx.unpatch. A module is recognised by its structure (its type and
-the submodules and attributes its patched forward reads), never by a
-library's version number. A module that looks like a candidate but is not
-recognised is left alone and reported, never half-patched.
+(or one other method or property): the parameters, buffers, their names (so
+the state_dict), hooks and ``isinstance`` checks stay as they were, and
+``unpatch`` puts the original class back. A patched method that computes
+submodules without calling them (a TransformerEncoderLayer's norms and
+linears) runs the original code in any call where one of them has a hook
+(spec.runs_hooks), so hooks fire as unpatched. A patched module pickles,
+torch.saves and deepcopies: it is rebuilt, patched, from its original class
+and the patch's methods (_reduce_ex). torch.jit.script refuses it with an
+error that names fasttx.unpatch.
+
+A module is recognised by its structure (its type and the submodules and
+attributes its patched forward reads), never by a library's version number.
+A module that looks like a candidate but is not recognised is left alone and
+reported, never half-patched.
 
 The recognisers live one file per source of modules:
     torch_modules.py   torch.nn.LayerNorm, torch.nn.TransformerEncoderLayer

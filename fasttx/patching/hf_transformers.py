@@ -125,8 +125,8 @@ def _attention(module, options: Options):
         return "reorder_and_upcast_attn with eager attention runs its own upcast path"
     own = copy.copy(config)
     own._attn_implementation = ATTENTION_NAME
-    return Patch(_attention_methods, (type(module),), "fasttx.scaled_dot_product_attention (through AttentionInterface)",
-                 {"config": own})
+    return Patch(_attention_methods, (type(module),),
+                 "fasttx.scaled_dot_product_attention (through AttentionInterface)", {"config": own})
 
 
 # ---- feed-forward and add + norm ------------------------------------------------------

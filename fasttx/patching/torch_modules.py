@@ -6,9 +6,9 @@ residual adds fused into the LayerNorms that follow them (add_layer_norm).
 Where torch's layer behaves in a way fasttx's ops do not cover, the patched
 forward runs that part with torch's own code, decided per call:
   - dropout inside the FFN in training (the fused FFN never materializes the
-    activation it would drop), and
+    activation it would drop);
   - nested-tensor inputs (TransformerEncoder's inference fast path), which go
-    to torch's forward whole, and
+    to torch's forward whole;
   - any call where a submodule torch's forward calls (norm1, self_attn,
     linear1, dropout, ...) has a hook, or a global module hook is set: torch's
     forward whole, so that every hook fires with what it gets unpatched.
