@@ -19,14 +19,22 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def plain_eager(*tensors) -> bool:
     """True when nothing traces this call: no compiler, no torch.jit.trace, no dispatch or
-    function mode, no functorch transform, and only plain tensors or nn.Parameters
-    (FakeTensor, FunctionalTensor and other subclasses are not)."""
+    function mode, no functorch transform or forward-mode AD, and only plain tensors or
+    nn.Parameters (FakeTensor, FunctionalTensor and other subclasses are not)."""
     return (not torch.compiler.is_compiling()
             and not torch._C._is_tracing()  # torch.jit.trace records the registered op; a Function runs untraced
             and _get_current_dispatch_mode() is None
             and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.maybe_current_level() is None
+            and not under_transform()
             and all(t is None or type(t) in PLAIN_TENSOR_TYPES for t in tensors))
+
+
+def under_transform() -> bool:
+    """True under a torch.func transform (grad, vmap, jvp, jacrev, ...) or inside forward-mode
+    AD's dual_level. The ops' Functions and registered ops implement reverse mode only: through
+    them functorch's grad raised and a jvp came back silently wrong. There the ops run their
+    reference in torch ops instead, which every transform and any order of derivative understands."""
+    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
 # nn.Parameter disables __torch_function__: a module's weights are as plain as a tensor.

@@ -27,7 +27,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import lower_precision
 from fasttx.ops._checks import check_bool, check_float, check_real, check_same, check_tensor
-from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 from fasttx.ops.philox import dropout_keep_mask
 
 _OP = "scaled_dot_product_attention"
@@ -409,6 +409,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     args = (q, k, v, mask, bool(is_causal), scale, drop, seed, backends.requested_backend())
     if plain_eager(q, k, v, mask):
         out, _ = _AttentionFunction.apply(*args)
+    elif under_transform():
+        out, _ = _torch_forward(q, k, v, mask, bool(is_causal), scale, drop, int(seed), 0)
     else:
         out, _ = _attention_forward_op(*args)
     if zero_out:

@@ -16,7 +16,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import promoted
 from fasttx.ops._checks import check_choice, check_float, check_same, check_tensor
-from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 
 APPROXIMATIONS = ("none", "tanh")
 _OP = "bias_gelu"
@@ -163,4 +163,6 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
         raise ValueError(f"fasttx.{_OP}: bias must have shape ({x.shape[-1]},) to match the last dimension "
                          f"of x {tuple(x.shape)}, got {tuple(bias.shape)}")
     args = (x, bias, approximate, backends.requested_backend())
-    return _BiasGeluFunction.apply(*args) if plain_eager(x, bias) else _bias_gelu_op(*args)
+    if plain_eager(x, bias):
+        return _BiasGeluFunction.apply(*args)
+    return _torch_forward(*args[:-1]) if under_transform() else _bias_gelu_op(*args)

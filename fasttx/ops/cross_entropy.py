@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from fasttx import backends
 from fasttx.ops._checks import check_choice, check_float, check_int, check_tensor
-from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "cross_entropy"
@@ -203,8 +203,10 @@ def cross_entropy_float(input: Tensor, target: Tensor, ignore_index: int = -100,
     _check(input, target, ignore_index, reduction)
     logits, target = input.contiguous(), target.contiguous()
     args = (logits, target, ignore_index, backends.requested_backend())
-    loss_rows, _, _ = _CrossEntropyFunction.apply(*args) if plain_eager(logits, target) \
-        else _cross_entropy_forward_op(*args)
+    if plain_eager(logits, target):
+        loss_rows, _, _ = _CrossEntropyFunction.apply(*args)
+    else:
+        loss_rows, _, _ = _torch_forward(*args[:-1]) if under_transform() else _cross_entropy_forward_op(*args)
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum(dtype=torch.float64)  # N row losses of ~log(V) each: float32 sums lose digits

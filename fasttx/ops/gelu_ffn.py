@@ -23,7 +23,7 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import lower_precision
 from fasttx.ops._checks import check_choice, check_float, check_same, check_tensor
-from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 _ACTIVATION_CODE = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # csrc/common/activation.h Activation
@@ -225,6 +225,8 @@ def gelu_ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
             b2.contiguous() if b2 is not None else None, activation, backends.requested_backend())
     if plain_eager(*args[:5]):
         out, _ = _GeluFFNFunction.apply(*args)
+    elif under_transform():
+        out, _ = _torch_forward(*args[:-1])
     else:
         out, _ = _gelu_ffn_forward_op(*args)
     return out.view(*x.shape[:-1], w2.shape[0])

@@ -23,7 +23,8 @@ from torch import Tensor
 from fasttx import backends
 from fasttx.ops._autocast import params_like, promoted
 from fasttx.ops._checks import check_float, check_real, check_same, check_shape, check_tensor
-from fasttx.ops._eager import PLAIN_TENSOR_TYPES as _PLAIN, eager_function, graphed_backward, plain_eager
+from fasttx.ops._eager import (PLAIN_TENSOR_TYPES as _PLAIN, eager_function, graphed_backward, plain_eager,
+                               under_transform)
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -232,6 +233,8 @@ def _norm(x, residual, weight, bias, eps, rms):
     args = (x, residual, weight, bias, eps, rms, backends.requested_backend())
     if plain_eager(x, residual, weight, bias):
         return _NormFunction.apply(*args)
+    if under_transform():
+        return _torch_forward(*args[:-1])
     return _norm_forward_op(*args)
 
 
@@ -247,7 +250,7 @@ _PLAIN_OR_NONE = (*_PLAIN, type(None))
 def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms, out_dtype):
     if (type(x) not in _PLAIN or not x.is_cpu or type(residual) not in _PLAIN_OR_NONE
             or type(weight) not in _PLAIN_OR_NONE or type(bias) not in _PLAIN_OR_NONE
-            or torch.compiler.is_compiling() or torch._C._is_tracing()
+            or torch.compiler.is_compiling() or torch._C._is_tracing() or under_transform()
             or not backends.cpu_backend_takes_cpu_tensors(backends.requested_backend())):
         return None
     shape = (normalized_shape,) if type(normalized_shape) is int else normalized_shape

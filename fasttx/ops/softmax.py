@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fasttx import backends
 from fasttx.ops._checks import check_bool, check_float, check_real, check_tensor
-from fasttx.ops._eager import eager_function, graphed_backward, plain_eager
+from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 from fasttx.ops.attention import _acc_dtype, _additive_mask, causal_mask
 
 _OP = "softmax"
@@ -182,5 +182,8 @@ def softmax(x: Tensor, scale: float = 1.0, attn_mask: Optional[Tensor] = None, i
             mask = mask.contiguous()
         mask = mask.reshape(rows.shape)
     args = (rows, float(scale), mask, bool(is_causal), backends.requested_backend())
-    y = _SoftmaxFunction.apply(*args) if plain_eager(rows, mask) else _softmax_forward_op(*args)
+    if plain_eager(rows, mask):
+        y = _SoftmaxFunction.apply(*args)
+    else:
+        y = _torch_forward(*args[:-1]) if under_transform() else _softmax_forward_op(*args)
     return y.view(x.shape)
