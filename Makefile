@@ -78,7 +78,7 @@ FLOOR := build/floor
 test-floor:
 	$(PYTHON) -m venv --clear $(FLOOR)/venv
 	$(FLOOR)/venv/bin/pip install -q -U pip setuptools wheel
-	$(FLOOR)/venv/bin/pip install -q torch==$(FLOOR_TORCH) numpy ninja pytest packaging tqdm matplotlib safetensors
+	$(FLOOR)/venv/bin/pip install -q torch==$(FLOOR_TORCH) numpy ninja pytest packaging tqdm matplotlib safetensors expecttest
 	rm -rf $(FLOOR)/src && mkdir -p $(FLOOR)/src
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -d --parents -t $(FLOOR)/src
 	cd $(FLOOR)/src && FASTTX_BUILD_EXTENSION=1 FASTTX_BUILD_CUDA=0 ../venv/bin/pip install --no-build-isolation --no-deps -e .

@@ -142,14 +142,16 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& x, double scale, const std::optiona
 at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y, double scale);
 
 // cross_entropy over the rows of logits (N, V) contiguous, target (N,) int64
-// in [0, V) or ignore_index. Forward: (loss, lse), both (N,) in the opmath
-// type, loss = lse - x[target] and 0 for an ignored row. Backward:
+// in [0, V) or ignore_index. Forward: (loss, row_max, log_sum), each (N,) in
+// the opmath type: m = max(x_n), log_sum = log(sum exp(x_n - m)) and
+// loss = (m - x[target]) + log_sum, 0 for an ignored row (never lse - x[target]:
+// lse = m + log_sum loses log_sum at a large shared offset). Backward:
 // grad_x = grad_rows[n] * (softmax(x_n) - onehot(target_n)), 0 for an ignored
-// row, in logits' dtype.
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                         int64_t ignore_index);
+// row, in logits' dtype, softmax(x_n) = exp(x_n - m - log_sum).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits,
+                                                                     const at::Tensor& target, int64_t ignore_index);
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                                 const at::Tensor& lse, int64_t ignore_index);
+                                 const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index);
 
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
@@ -184,10 +186,10 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& x, double scale, const std::option
 at::Tensor softmax_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& y, double scale);
 // cross_entropy on CUDA: the contract of cross_entropy_fwd_cpu / cross_entropy_bwd_cpu
 // (float32/float16/bfloat16 logits; a target outside [0, V) that is not ignore_index poisons its row with NaN).
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                          int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits,
+                                                                      const at::Tensor& target, int64_t ignore_index);
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                                  const at::Tensor& lse, int64_t ignore_index);
+                                  const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index);
 #endif
 
 }  // namespace fasttx

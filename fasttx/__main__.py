@@ -1,6 +1,7 @@
 """Command line: `python -m fasttx info | train | generate | compare`."""
 import argparse
 import sys
+import warnings
 
 # Subcommands whose options and code live in fasttx.lm.<name> (add_arguments(parser), main(args) -> exit code).
 LM_COMMANDS = {
@@ -21,9 +22,16 @@ def _lm_module(name):
     return module
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (argparse prints the whole usage first); --help still shows it. Exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m fasttx", description=__doc__)
+    parser = _Parser(prog="python -m fasttx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, devices, CPU features and which backends can run here")
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -34,11 +42,14 @@ def main(argv=None):
             module = _lm_module(name)
             module.add_arguments(sub_parser)
     args = parser.parse_args(argv)
+    args.argv = argv  # for a command that relaunches itself (train --nproc-per-node)
     if args.command == "info":
         from fasttx.info import report
         print(report())
         return 0
-    return module.main(args)
+    with warnings.catch_warnings():  # a warning is one line too (an old checkpoint without a checksum, ...)
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        return module.main(args)
 
 
 if __name__ == "__main__":

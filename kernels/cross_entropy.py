@@ -3,10 +3,12 @@
 The contract is fasttx/ops/cross_entropy.py's _torch_forward / _torch_backward (and csrc/ops.h's
 cross_entropy_fwd_cpu / cross_entropy_bwd_cpu): logits (N, V) contiguous in fp32, fp16 or bf16,
 target (N,) int64 in [0, V) or ignore_index.
-  * forward: lse = logsumexp(x_n) and loss = lse - x_n[target_n] per row, both fp32 (N,); an
-    ignored row gives loss 0 (its lse is still written);
+  * forward: m = max(x_n), log_sum = log(sum exp(x_n - m)) and loss = (m - x_n[target_n]) + log_sum
+    per row, each fp32 (N,); an ignored row gives loss 0 (its m and log_sum are still written).
+    Never lse - x_n[target_n]: lse = m + log_sum rounds log_sum away when the row shares a large
+    offset (an fp32 ulp is 8 at 1e8), where m - x_n[target_n] cancels it exactly;
   * backward: grad_x = grad_rows[n] * (softmax(x_n) - onehot(target_n)) in the logits' dtype,
-    softmax(x_n) = exp(x_n - lse_n) from the forward's lse; an ignored row gives zeros.
+    softmax(x_n) = exp((x_n - m) - log_sum) from the forward's m and log_sum; an ignored row gives zeros.
 
 One program per row, which is walked in BLOCK-column chunks: V can be an LM's vocabulary (GPT-2's
 50257), far past a register tile. The forward keeps a running max and a sum rescaled to it per
@@ -28,7 +30,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _ce_fwd_kernel(X, TARGET, LOSS, LSE, V, ignore_index, BLOCK: tl.constexpr):
+def _ce_fwd_kernel(X, TARGET, LOSS, MAX, LOG_SUM, V, ignore_index, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * V
     # Per-lane running max and sum of exp(x - max); a lane that has seen only -inf (or nothing)
@@ -43,22 +45,22 @@ def _ce_fwd_kernel(X, TARGET, LOSS, LSE, V, ignore_index, BLOCK: tl.constexpr):
         s_vec = s_vec * tl.exp(m_vec - m_safe) + tl.exp(x - m_safe)
         m_vec = m_new
     m = tl.max(m_vec, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a row of -inf: lse = -inf, as torch.logsumexp
-    total = tl.sum(s_vec * tl.exp(m_vec - m_safe), 0)
-    lse = m_safe + tl.log(total)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a row of -inf: log_sum = -inf and its loss NaN, as torch's
+    log_sum = tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe), 0))
 
     t = tl.load(TARGET + row)
     ignored = t == ignore_index
     valid = (t >= 0) & (t < V)
     x_t = tl.load(x_row + t, mask=valid & (t != ignore_index), other=0.0).to(tl.float32)
-    loss = tl.where(valid, lse - x_t, float("nan"))
+    loss = tl.where(valid, (m - x_t) + log_sum, float("nan"))
     loss = tl.where(ignored, 0.0, loss)
     tl.store(LOSS + row, loss)
-    tl.store(LSE + row, lse)
+    tl.store(MAX + row, m)
+    tl.store(LOG_SUM + row, log_sum)
 
 
 @triton.jit
-def _ce_bwd_kernel(GRAD, X, TARGET, LSE, DX, V, ignore_index, BLOCK: tl.constexpr):
+def _ce_bwd_kernel(GRAD, X, TARGET, MAX, LOG_SUM, DX, V, ignore_index, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * V
     dx_row = DX + row * V
@@ -67,12 +69,14 @@ def _ce_bwd_kernel(GRAD, X, TARGET, LSE, DX, V, ignore_index, BLOCK: tl.constexp
     valid = (t >= 0) & (t < V)
     g = tl.load(GRAD + row)
     g = tl.where(valid, g, float("nan"))  # a bad target poisons its row (the forward's loss is NaN too)
-    lse = tl.load(LSE + row)
+    m = tl.load(MAX + row)
+    log_sum = tl.load(LOG_SUM + row)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         ok = cols < V
-        x = tl.load(x_row + cols, mask=ok & live, other=0.0).to(tl.float32)  # an ignored row reads nothing
-        p = tl.exp(x - lse)
+        # An ignored row reads nothing; a lane past V reads -inf, so its (unstored) exp cannot overflow.
+        x = tl.load(x_row + cols, mask=ok & live, other=float("-inf")).to(tl.float32)
+        p = tl.exp((x - m) - log_sum)
         d = (p - tl.where(cols == t, 1.0, 0.0)) * g
         d = tl.where(live, d, 0.0)
         tl.store(dx_row + cols, d.to(DX.dtype.element_ty), mask=ok)
@@ -125,25 +129,25 @@ def _check_rows(name, t, logits):
 
 
 def cross_entropy_forward(logits, target, ignore_index):
-    """(loss_rows, lse), both float32 (N,): lse = logsumexp(x_n), loss = lse - x_n[target_n] (0 if ignored)."""
+    """(loss_rows, row_max, log_sum), each float32 (N,): m = max(x_n), log_sum = log(sum exp(x_n - m)),
+    loss = (m - x_n[target_n]) + log_sum (0 if ignored)."""
     _check_logits_target(logits, target)
     N, V = logits.shape
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    loss, row_max, log_sum = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
     if N == 0:
-        return loss, lse
-    _ce_fwd_kernel[(N,)](logits, target, loss, lse, V, int(ignore_index), **_config(V))
-    return loss, lse
+        return loss, row_max, log_sum
+    _ce_fwd_kernel[(N,)](logits, target, loss, row_max, log_sum, V, int(ignore_index), **_config(V))
+    return loss, row_max, log_sum
 
 
-def cross_entropy_backward(grad_rows, logits, target, lse, ignore_index):
+def cross_entropy_backward(grad_rows, logits, target, row_max, log_sum, ignore_index):
     """grad_logits = grad_rows[n] * (softmax(x_n) - onehot(target_n)) in logits' dtype, 0 for ignored rows."""
     _check_logits_target(logits, target)
-    _check_rows("grad_rows", grad_rows, logits)
-    _check_rows("lse", lse, logits)
+    for name, t in (("grad_rows", grad_rows), ("row_max", row_max), ("log_sum", log_sum)):
+        _check_rows(name, t, logits)
     N, V = logits.shape
     grad = torch.empty_like(logits)
     if N == 0:
         return grad
-    _ce_bwd_kernel[(N,)](grad_rows, logits, target, lse, grad, V, int(ignore_index), **_config(V))
+    _ce_bwd_kernel[(N,)](grad_rows, logits, target, row_max, log_sum, grad, V, int(ignore_index), **_config(V))
     return grad

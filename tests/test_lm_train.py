@@ -211,13 +211,14 @@ def test_corrupt_and_foreign_checkpoints_are_refused(trained, tmp_path):
                                   ("keys.pt", {"optimizer": None}, r"missing keys \['optimizer'\]"),
                                   ("config.pt", {"model_config": {**saved["model_config"], "n_head": 5}}, "n_head")]:
         bad = {k: v for k, v in {**saved, **change}.items() if v is not None}
-        torch.save(bad, tmp_path / name)
+        torch.save({**bad, "sha256": ckpt_io.state_digest(bad)}, tmp_path / name)  # sealed: past the checksum
         with pytest.raises(ckpt_io.CheckpointError, match=f"{name}.*{message}"):
             ckpt_io.load_checkpoint(tmp_path / name)
 
     wrong_shape = {**saved, "model_config": {**saved["model_config"], "d_model": 64, "n_head": 2}}
-    torch.save(wrong_shape, tmp_path / "shape.pt")
-    with pytest.raises(ValueError, match=r"shape\.pt does not fit the model.*tok_emb\.weight"):
+    torch.save({**wrong_shape, "sha256": ckpt_io.state_digest(wrong_shape)}, tmp_path / "shape.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match=r"shape\.pt: its model config does not match its tensors: "
+                                                      r"d_model 64 but the tensors give 32"):
         load_model(tmp_path / "shape.pt")
 
 

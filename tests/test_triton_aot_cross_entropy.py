@@ -22,11 +22,11 @@ DTYPES = ("fp32", "fp16", "bf16")
 # The kernels' non-constexpr arguments, in order. ignore_index is an i32 as the JIT types -100.
 KERNELS = {
     "cross_entropy_fwd": (cross_entropy._ce_fwd_kernel,
-                          {"X": "*{dtype}", "TARGET": "*i64", "LOSS": "*fp32", "LSE": "*fp32", "V": "i32",
-                           "ignore_index": "i32"}),
-    "cross_entropy_bwd": (cross_entropy._ce_bwd_kernel,
-                          {"GRAD": "*fp32", "X": "*{dtype}", "TARGET": "*i64", "LSE": "*fp32", "DX": "*{dtype}",
+                          {"X": "*{dtype}", "TARGET": "*i64", "LOSS": "*fp32", "MAX": "*fp32", "LOG_SUM": "*fp32",
                            "V": "i32", "ignore_index": "i32"}),
+    "cross_entropy_bwd": (cross_entropy._ce_bwd_kernel,
+                          {"GRAD": "*fp32", "X": "*{dtype}", "TARGET": "*i64", "MAX": "*fp32", "LOG_SUM": "*fp32",
+                           "DX": "*{dtype}", "V": "i32", "ignore_index": "i32"}),
 }
 
 

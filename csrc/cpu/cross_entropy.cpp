@@ -1,7 +1,10 @@
 // Cross-entropy over the rows of logits (N, V) on the CPU (see csrc/ops.h):
-// forward lse = logsumexp(x), loss = lse - x[target]; backward
-// grad_x = g * (softmax(x) - onehot(target)). Rows whose target is
-// ignore_index give loss 0 and a zero gradient.
+// forward m = max(x), log_sum = log(sum exp(x - m)), loss = (m - x[target]) +
+// log_sum; backward grad_x = g * (softmax(x) - onehot(target)) with
+// softmax(x) = exp(x - m) / exp(log_sum). Rows whose target is ignore_index
+// give loss 0 and a zero gradient. m and log_sum stay apart: their sum, the
+// log-sum-exp, rounds log_sum away when the row shares a large offset (an fp32
+// ulp is 8 at 1e8), while m - x[target] cancels the offset exactly.
 //
 // Why: eager F.cross_entropy on an LM's (tokens, vocab) logits writes
 // log_softmax's (N, V) output and reads it back for the nll; its backward
@@ -33,7 +36,8 @@ int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, at::internal::GRAI
 
 template <typename T>
 void cross_entropy_forward_kernel(const T* x, const int64_t* target, int64_t ignore_index, int64_t rows,
-                                  int64_t vocab, at::opmath_type<T>* loss, at::opmath_type<T>* lse) {
+                                  int64_t vocab, at::opmath_type<T>* loss, at::opmath_type<T>* row_max,
+                                  at::opmath_type<T>* log_sum) {
   using A = at::opmath_type<T>;
   const SoftmaxRowKernels<A>& kern = softmax_row_kernels<A>();
   at::parallel_for(0, rows, row_grain(vocab), [&](int64_t r0, int64_t r1) {
@@ -47,20 +51,20 @@ void cross_entropy_forward_kernel(const T* x, const int64_t* target, int64_t ign
         for (int64_t j = 0; j < vocab; ++j) buf[j] = A(xr[j]);
         max = kern.scale_mask_max(buf.data(), nullptr, A(1), buf.data(), vocab);
       }
-      const A sum = kern.exp_sum(buf.data(), max, buf.data(), vocab);
-      lse[r] = max + std::log(sum);
+      row_max[r] = max;
+      log_sum[r] = std::log(kern.exp_sum(buf.data(), max, buf.data(), vocab));
       const int64_t t = target[r];
       TORCH_CHECK(t == ignore_index || (t >= 0 && t < vocab), "cross_entropy: target[", r, "] = ", t,
                   " is not a class index in [0, ", vocab, ") nor ignore_index (", ignore_index, ")");
-      loss[r] = t == ignore_index ? A(0) : lse[r] - A(xr[t]);
+      loss[r] = t == ignore_index ? A(0) : (max - A(xr[t])) + log_sum[r];
     }
   });
 }
 
 template <typename T>
 void cross_entropy_backward_kernel(const at::opmath_type<T>* grad_rows, const T* x, const int64_t* target,
-                                   const at::opmath_type<T>* lse, int64_t ignore_index, int64_t rows, int64_t vocab,
-                                   T* grad_x) {
+                                   const at::opmath_type<T>* row_max, const at::opmath_type<T>* log_sum,
+                                   int64_t ignore_index, int64_t rows, int64_t vocab, T* grad_x) {
   using A = at::opmath_type<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const SoftmaxRowKernels<A>& kern = softmax_row_kernels<A>();
@@ -80,13 +84,14 @@ void cross_entropy_backward_kernel(const at::opmath_type<T>* grad_rows, const T*
       if constexpr (kConvert) {
         p = buf.data();
         for (int64_t j = 0; j < vocab; ++j) p[j] = A(xr[j]);
-        kern.exp_sum(p, lse[r], p, vocab);
+        kern.exp_sum(p, row_max[r], p, vocab);
       } else {
         p = gr;  // fp32 (fp64) rows are computed in place in the output
-        kern.exp_sum(xr, lse[r], p, vocab);
+        kern.exp_sum(xr, row_max[r], p, vocab);
       }
-      p[t] -= A(1);
-      kern.scale(p, grad_rows[r], vocab);
+      const A g = grad_rows[r];
+      kern.scale(p, g * std::exp(-log_sum[r]), vocab);
+      p[t] -= g;
       if constexpr (kConvert) {
         for (int64_t j = 0; j < vocab; ++j) gr[j] = T(p[j]);
       }
@@ -106,39 +111,41 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& ta
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                         int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits,
+                                                                     const at::Tensor& target, int64_t ignore_index) {
   const char* op = "cross_entropy_fwd_cpu";
   check_inputs(op, logits, target);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
   auto loss = at::empty({rows}, logits.options().dtype(acc));
-  auto lse = at::empty({rows}, logits.options().dtype(acc));
+  auto row_max = at::empty({rows}, logits.options().dtype(acc));
+  auto log_sum = at::empty({rows}, logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     cross_entropy_forward_kernel<scalar_t>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), ignore_index,
-                                           rows, vocab, loss.data_ptr<A>(), lse.data_ptr<A>());
+                                           rows, vocab, loss.data_ptr<A>(), row_max.data_ptr<A>(),
+                                           log_sum.data_ptr<A>());
   });
-  return {loss, lse};
+  return {loss, row_max, log_sum};
 }
 
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                                 const at::Tensor& lse, int64_t ignore_index) {
+                                 const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index) {
   const char* op = "cross_entropy_bwd_cpu";
   check_inputs(op, logits, target);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
-  for (const at::Tensor* t : {&grad_rows, &lse}) {
+  for (const at::Tensor* t : {&grad_rows, &row_max, &log_sum}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->is_contiguous() && t->scalar_type() == acc, op,
-                ": grad_rows and lse must be contiguous ", acc, " (", rows, ",) tensors, got ", t->scalar_type(),
-                " ", t->sizes());
+                ": grad_rows, row_max and log_sum must be contiguous ", acc, " (", rows, ",) tensors, got ",
+                t->scalar_type(), " ", t->sizes());
   }
   auto grad = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     cross_entropy_backward_kernel<scalar_t>(grad_rows.data_ptr<A>(), logits.data_ptr<scalar_t>(),
-                                            target.data_ptr<int64_t>(), lse.data_ptr<A>(), ignore_index, rows, vocab,
-                                            grad.data_ptr<scalar_t>());
+                                            target.data_ptr<int64_t>(), row_max.data_ptr<A>(), log_sum.data_ptr<A>(),
+                                            ignore_index, rows, vocab, grad.data_ptr<scalar_t>());
   });
   return grad;
 }

@@ -1,9 +1,13 @@
 // Cross-entropy over the rows of logits (N, V) on CUDA, forward and backward;
 // the contract is cross_entropy_fwd_cpu / cross_entropy_bwd_cpu in csrc/ops.h:
-//   forward:  lse = logsumexp(x_n), loss = lse - x_n[target_n], both fp32 (N,),
-//             loss 0 for a row whose target is ignore_index;
+//   forward:  m = max(x_n), log_sum = log(sum exp(x_n - m)) and
+//             loss = (m - x_n[target_n]) + log_sum, each fp32 (N,), loss 0 for a
+//             row whose target is ignore_index. Never lse - x_n[target_n]:
+//             lse = m + log_sum rounds log_sum away at a large shared offset
+//             (an fp32 ulp is 8 at 1e8), where m - x_n[target_n] cancels it;
 //   backward: grad_x = grad_rows[n] * (softmax(x_n) - onehot(target_n)) in
-//             logits' dtype, softmax from the forward's lse; 0 for an ignored row.
+//             logits' dtype, softmax = exp((x - m) - log_sum) from the
+//             forward's m and log_sum; 0 for an ignored row.
 // fp32, fp16 and bf16 logits, all math in fp32 (fp64: the cpu and torch backends).
 //
 // V is an LM's vocabulary (GPT-2's 50257: 200 KB of fp32 per row), so a row
@@ -19,13 +23,13 @@
 //    (rescaled when m grows: the online logsumexp), reads the row once, and
 //    merges the threads' (m, s) in a fixed tree (shfl_down within a warp, then
 //    the warps' results in order from shared memory), so lse is bitwise
-//    reproducible run to run. lse = m + log(s) with the log in fp64 (once per row);
+//    reproducible run to run. log_sum = log(s) in fp64 (once per row);
 //  - the backward reads the row once and writes the gradient once. Its 16-byte
 //    path needs x and grad_x at the same offset modulo 16 bytes (a fresh
 //    grad_x and a freshly allocated x are both 16-byte aligned); otherwise it
 //    moves elements one by one.
-// exp is __expf (the SFU ex2, a few ulp) of x - m <= 0 (x - lse in the
-// backward), so its error does not grow with |x|.
+// exp is __expf (the SFU ex2, a few ulp) of x - m <= 0 ((x - m) - log_sum in
+// the backward), so its error does not grow with |x|.
 //
 // Targets: the Python layer (fasttx.ops.cross_entropy._check) rejects a target
 // that is neither ignore_index nor in [0, V); these kernels do not raise. They
@@ -164,7 +168,8 @@ template <typename T>
 __global__ void __launch_bounds__(kCeThreads) cross_entropy_fwd_kernel(const T* __restrict__ x,
                                                                        const int64_t* __restrict__ target,
                                                                        float* __restrict__ loss,
-                                                                       float* __restrict__ lse, int64_t rows,
+                                                                       float* __restrict__ row_max,
+                                                                       float* __restrict__ log_sum, int64_t rows,
                                                                        int64_t V, int64_t ignore_index) {
   constexpr int VEC = ce_vec<T>();
   static_assert(2 * (VEC - 1) <= kCeThreads, "a row's head and tail are one element per thread");
@@ -203,13 +208,13 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_fwd_kernel(const T* 
 
     st = ce_block_reduce(st, slots);
     if (tid == 0) {
-      // A row of -inf: lse = -inf, as torch.logsumexp (and its loss NaN, as torch's).
-      const float row_lse =
-          st.m == -INFINITY ? -INFINITY : static_cast<float>(double(st.m) + ::log(double(st.s)));
+      // A row of -inf: s = 0, log_sum = -inf and its loss NaN, as torch's.
+      const float row_log_sum = static_cast<float>(::log(double(st.s)));
       const int64_t t = target[row];
       float row_loss = 0.0f;
-      if (t != ignore_index) row_loss = t >= 0 && t < V ? row_lse - static_cast<float>(xr[t]) : ce_nan();
-      lse[row] = row_lse;
+      if (t != ignore_index) row_loss = t >= 0 && t < V ? (st.m - static_cast<float>(xr[t])) + row_log_sum : ce_nan();
+      row_max[row] = st.m;
+      log_sum[row] = row_log_sum;
       loss[row] = row_loss;
     }
   }
@@ -218,9 +223,9 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_fwd_kernel(const T* 
 // ---------------------------------------------------------------------------
 // Backward.
 
-// grad_x of one element: (exp(x - lse) - [col == t]) * g.
-__device__ __forceinline__ float ce_grad(float x, int64_t col, int64_t t, float lse, float g) {
-  return (__expf(x - lse) - (col == t ? 1.0f : 0.0f)) * g;
+// grad_x of one element: (exp((x - m) - log_sum) - [col == t]) * g.
+__device__ __forceinline__ float ce_grad(float x, int64_t col, int64_t t, float m, float log_sum, float g) {
+  return (__expf((x - m) - log_sum) - (col == t ? 1.0f : 0.0f)) * g;
 }
 
 // VECTOR: x and grad_x share their offset modulo 16 bytes, so one split serves both.
@@ -228,7 +233,8 @@ template <typename T, bool VECTOR>
 __global__ void __launch_bounds__(kCeThreads) cross_entropy_bwd_kernel(const float* __restrict__ grad_rows,
                                                                        const T* __restrict__ x,
                                                                        const int64_t* __restrict__ target,
-                                                                       const float* __restrict__ lse,
+                                                                       const float* __restrict__ row_max,
+                                                                       const float* __restrict__ log_sum,
                                                                        T* __restrict__ grad_x, int64_t rows,
                                                                        int64_t V, int64_t ignore_index) {
   constexpr int VEC = ce_vec<T>();
@@ -240,18 +246,21 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_bwd_kernel(const flo
     const bool live = t != ignore_index;  // the whole block agrees: no divergence
     // A bad target poisons its row (the forward's loss is NaN too); an ignored row reads nothing.
     const float g = !live ? 0.0f : (t >= 0 && t < V ? grad_rows[row] : ce_nan());
-    const float l = live ? lse[row] : 0.0f;
+    const float m = live ? row_max[row] : 0.0f;
+    const float l = live ? log_sum[row] : 0.0f;
 
     if constexpr (!VECTOR) {
 #pragma unroll 4
       for (int64_t c = tid; c < V; c += kCeThreads) {
-        gr[c] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[c]), c, t, l, g) : 0.0f);
+        gr[c] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[c]), c, t, m, l, g) : 0.0f);
       }
     } else {
       int64_t head, packs;
       ce_split(xr, V, head, packs);
       const int64_t edge = ce_edge_col(tid, head, head + packs * VEC, V);
-      if (edge >= 0) gr[edge] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[edge]), edge, t, l, g) : 0.0f);
+      if (edge >= 0) {
+        gr[edge] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[edge]), edge, t, m, l, g) : 0.0f);
+      }
       const T* xb = xr + head;
       T* gb = gr + head;
       if (!live) {
@@ -277,7 +286,7 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_bwd_kernel(const flo
             const int64_t col0 = head + p * VEC;
             float out[VEC];
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) out[k] = ce_grad(static_cast<float>(in[b].v[k]), col0 + k, t, l, g);
+            for (int k = 0; k < VEC; ++k) out[k] = ce_grad(static_cast<float>(in[b].v[k]), col0 + k, t, m, l, g);
             ce_store_pack(gb + p * VEC, out);
           }
         }
@@ -310,35 +319,36 @@ void check_inputs(const char* fn, const at::Tensor& logits, const at::Tensor& ta
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                          int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits,
+                                                                      const at::Tensor& target, int64_t ignore_index) {
   constexpr const char* fn = "cross_entropy_fwd_cuda";
   check_inputs(fn, logits, target);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   auto loss = at::empty({rows}, logits.options().dtype(at::kFloat));
-  auto lse = at::empty({rows}, logits.options().dtype(at::kFloat));
-  if (rows == 0) return {loss, lse};
+  auto row_max = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto log_sum = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {loss, row_max, log_sum};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FASTTX_DISPATCH_CROSS_ENTROPY_TYPES(logits.scalar_type(), fn, [&] {
     cross_entropy_fwd_kernel<scalar_t><<<ce_blocks(rows), kCeThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), loss.mutable_data_ptr<float>(),
-        lse.mutable_data_ptr<float>(), rows, vocab, ignore_index);
+        row_max.mutable_data_ptr<float>(), log_sum.mutable_data_ptr<float>(), rows, vocab, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, lse};
+  return {loss, row_max, log_sum};
 }
 
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                                  const at::Tensor& lse, int64_t ignore_index) {
+                                  const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index) {
   constexpr const char* fn = "cross_entropy_bwd_cuda";
   check_inputs(fn, logits, target);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  for (const at::Tensor* t : {&grad_rows, &lse}) {
+  for (const at::Tensor* t : {&grad_rows, &row_max, &log_sum}) {
     TORCH_CHECK(t->device() == logits.device() && t->dim() == 1 && t->size(0) == rows && t->is_contiguous() &&
                     t->scalar_type() == at::kFloat,
-                fn, ": grad_rows and lse must be contiguous float32 (", rows, ",) tensors on ", logits.device(),
-                ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+                fn, ": grad_rows, row_max and log_sum must be contiguous float32 (", rows, ",) tensors on ",
+                logits.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   auto grad = at::empty_like(logits);
@@ -350,13 +360,14 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor&
     const bool vector = reinterpret_cast<uintptr_t>(xp) % 16 == reinterpret_cast<uintptr_t>(gp) % 16;
     const float* grp = grad_rows.const_data_ptr<float>();
     const int64_t* tp = target.const_data_ptr<int64_t>();
-    const float* lp = lse.const_data_ptr<float>();
+    const float* mp = row_max.const_data_ptr<float>();
+    const float* lp = log_sum.const_data_ptr<float>();
     if (vector) {
       cross_entropy_bwd_kernel<scalar_t, true>
-          <<<ce_blocks(rows), kCeThreads, 0, stream>>>(grp, xp, tp, lp, gp, rows, vocab, ignore_index);
+          <<<ce_blocks(rows), kCeThreads, 0, stream>>>(grp, xp, tp, mp, lp, gp, rows, vocab, ignore_index);
     } else {
       cross_entropy_bwd_kernel<scalar_t, false>
-          <<<ce_blocks(rows), kCeThreads, 0, stream>>>(grp, xp, tp, lp, gp, rows, vocab, ignore_index);
+          <<<ce_blocks(rows), kCeThreads, 0, stream>>>(grp, xp, tp, mp, lp, gp, rows, vocab, ignore_index);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from fasttx import info
+from fasttx.lm import args as argtypes
 from fasttx.lm.data import TokenData, default_cache_dir, prepare_corpus
 from fasttx.lm.train import TrainConfig, lr_at, make_optimizer, train_step
 from fasttx.models.gpt import GPT, GPTConfig
@@ -227,19 +229,22 @@ def _plot(results: dict, path: str) -> None:
 
 def add_arguments(parser) -> None:
     for name in DEFAULTS:
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+        parser.add_argument("--" + name.replace("_", "-"), type=argtypes.integer(1), default=None,
                             help=f"default {DEFAULTS[name]} ({QUICK[name]} with --quick)")
     parser.add_argument("--quick", action="store_true", help="a small model for a fast look: "
                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " (explicit flags still win)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="bf16 = autocast around forward and loss")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the train recipe (default 1e-3)")
+    parser.add_argument("--threads", type=argtypes.integer(1), default=None,
+                        help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=argtypes.SEED, default=0)
+    parser.add_argument("--lr", type=argtypes.real(0.0, above=True), default=1e-3,
+                        help="peak learning rate of the train recipe (default 1e-3)")
     parser.add_argument("--data", nargs="+", default=None, help="text files or folders (default: the stdlib)")
     parser.add_argument("--out", default=None,
                         help="folder for compare[_quick]_<dtype>.png/.json (default bench/results/<device>)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps (losses still compared)")
+    parser.add_argument("--warmup-steps", type=argtypes.integer(0), default=2,
+                        help="untimed first steps (losses still compared)")
 
 
 def format_report(r: dict) -> str:
@@ -274,8 +279,16 @@ def format_report(r: dict) -> str:
 def main(args) -> int:
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else DEFAULTS)[k]
              for k in DEFAULTS}
-    results = compare(**sizes, dtype=args.dtype, threads=args.threads, seed=args.seed, lr=args.lr, data=args.data,
-                      out=args.out, device=args.device, warmup_steps=args.warmup_steps,
-                      file_stem="compare_quick" if args.quick else "compare")
+    try:
+        argtypes.check_device(args.device)
+        results = compare(**sizes, dtype=args.dtype, threads=args.threads, seed=args.seed, lr=args.lr,
+                          data=args.data, out=args.out, device=args.device, warmup_steps=args.warmup_steps,
+                          file_stem="compare_quick" if args.quick else "compare")
+    except ValueError as err:
+        print(f"fasttx compare: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fasttx compare: interrupted", file=sys.stderr)
+        return 130
     print(format_report(results))
     return 0  # a benchmark reports its criteria, it does not fail on them

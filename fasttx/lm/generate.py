@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fasttx.lm import args as argtypes
 from fasttx.lm import checkpoint as ckpt_io
 from fasttx.lm.data import SEPARATOR
 from fasttx.models.gpt import GPT, KERNELS
@@ -45,10 +46,12 @@ def generate_text(model: GPT, prompt: str, max_new_tokens: int = 200, temperatur
 def add_arguments(p) -> None:
     p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt of a training run (or OUT/model.safetensors)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a file)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: always the most likely byte")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely bytes (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=argtypes.integer(0), default=200, help="bytes to sample")
+    p.add_argument("--temperature", type=argtypes.real(0.0), default=0.8,
+                   help="finite, >= 0; 0: always the most likely byte")
+    p.add_argument("--top-k", type=argtypes.integer(0), default=50, help="sample among the k most likely bytes "
+                   "(0: all)")
+    p.add_argument("--seed", type=argtypes.SEED, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
     p.add_argument("--kernels", choices=KERNELS, default=None, help="default: the checkpoint's")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -56,11 +59,15 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     try:
+        argtypes.check_device(args.device)
         model = load_model(args.ckpt, kernels=args.kernels, device=args.device)
         text = generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                              args.seed, use_cache=not args.no_cache)
-    except (ckpt_io.CheckpointError, ValueError) as err:
+    except (ckpt_io.CheckpointError, ValueError, OSError) as err:
         print(f"fasttx generate: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fasttx generate: interrupted", file=sys.stderr)
+        return 130
     print(text)
     return 0

@@ -16,13 +16,20 @@
   flags that disagree with it are an error (except --kernels: both paths share the parameters).
 - Ctrl-C (SIGINT) finishes the current update, saves a checkpoint, prints where, and exits with code
   130. Further SIGINTs are ignored (torchrun forwards the terminal's one again); kill -TERM aborts.
+- A non-finite loss or gradient norm stops the run (TrainingDiverged, exit 1) without saving: the last
+  checkpoint, written before, stays the one to resume from (with a lower --lr, say). save_checkpoint
+  also refuses NaN/Inf weights, so a diverged model never replaces a good file.
 - Distributed: ``torchrun --nproc_per_node=N -m fasttx train ...`` (gloo on CPU, nccl on CUDA, DDP).
   Rank 0 alone writes checkpoints, metrics and the progress bar; reported losses are means over ranks.
+  ``python -m fasttx train --nproc-per-node N ...`` runs torchrun's launcher in this process on one
+  machine: a Ctrl-C there forwards SIGINT to the workers, which checkpoint, and exits with 130 and one
+  line, where torchrun itself ends in a SignalException traceback and exit code 1.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -37,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fasttx.lm import args as argtypes
 from fasttx.lm import checkpoint as ckpt_io
 from fasttx.lm.data import TokenData, default_cache_dir, prepare_corpus
 from fasttx.models.gpt import KERNELS, POSITION_ENCODINGS, GPT, GPTConfig
@@ -46,6 +54,12 @@ MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "pos_encoding", "d
 TRAJECTORY_FIELDS = ("data", "batch_size", "grad_accum", "steps", "lr", "min_lr", "warmup", "weight_decay",
                      "grad_clip", "seed", "dtype", "world_size")
 INTERRUPTED_EXIT_CODE = 130
+FAILED_EXIT_CODE = 1        # the run went wrong: diverged, disk full
+BAD_INPUT_EXIT_CODE = 2     # the flags or the checkpoint are wrong (argparse's code too)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or Inf."""
 
 
 @dataclasses.dataclass
@@ -82,12 +96,23 @@ class TrainConfig:
     progress: bool | None = None              # None: a bar when stderr is a terminal
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
+        positive = ("steps", "batch_size", "grad_accum", "eval_batches", "log_every")
         if any(getattr(self, f) < 1 for f in positive) or self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"TrainConfig: {positive} must be >= 1 and dtype fp32|bf16; got {self}")
-        if not 0 <= self.min_lr <= self.lr or self.warmup < 0:
-            raise ValueError(f"TrainConfig: need 0 <= min_lr <= lr and warmup >= 0, got {self.min_lr}, {self.lr}, "
-                             f"{self.warmup}")
+        floats = {f: getattr(self, f) for f in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout")}
+        bad = [f"{k}={v}" for k, v in floats.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"TrainConfig: {', '.join(bad)}: must be finite")
+        if not 0 <= self.min_lr <= self.lr or self.lr <= 0 or self.warmup < 0:
+            raise ValueError(f"TrainConfig: need 0 <= min_lr <= lr, lr > 0 and warmup >= 0, got {self.min_lr}, "
+                             f"{self.lr}, {self.warmup}")
+        negative = [f"{f}={getattr(self, f)}" for f in ("weight_decay", "seed", "eval_every", "ckpt_every")
+                    if getattr(self, f) < 0]
+        negative += [f"{f}={getattr(self, f)}" for f in ("stop_at", "threads")
+                     if getattr(self, f) is not None and getattr(self, f) < (0 if f == "stop_at" else 1)]
+        if negative:
+            raise ValueError(f"TrainConfig: {', '.join(negative)} out of range (weight_decay, seed, eval_every, "
+                             f"ckpt_every, stop_at must be >= 0, threads >= 1)")
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f: getattr(self, f) for f in MODEL_FIELDS})
@@ -202,13 +227,14 @@ def _open_metrics(path: Path, keep_until: int | None):
             with contextlib.suppress(ValueError, AttributeError):
                 if json.loads(line).get("step", 0) <= keep_until:
                     kept.append(line + "\n")
-    ckpt_io.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    ckpt_io.atomic_write(path, "".join(kept).encode())
     return open(path, "a")
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train per cfg (under torchrun: one rank of it). Returns {"losses", "start_step", "step", "val",
     "interrupted", "checkpoint", "tokens_per_s"}; losses are this call's per-update mean losses over ranks."""
+    argtypes.check_device(cfg.device)
     rank, world_size, device = _setup_distributed(cfg.device)
     try:
         return _train(cfg, rank, world_size, device)
@@ -257,14 +283,29 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     model.train()
 
+    last_saved = start if saved is not None else None
+
     def save(step):
+        nonlocal last_saved
         rng = ckpt_io.capture_rng(device, world_size)  # collective: every rank takes part
+        failed = None
         if main:
-            ckpt_io.save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
-                                    model_config=model.config, train_config=run_dict, rng=rng,
-                                    world_size=world_size)
-            if cfg.save_safetensors:
-                ckpt_io.save_safetensors(out / "model.safetensors", model, step)
+            try:
+                ckpt_io.save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
+                                        model_config=model.config, train_config=run_dict, rng=rng,
+                                        world_size=world_size)
+                if cfg.save_safetensors:
+                    ckpt_io.save_safetensors(out / "model.safetensors", model, step)
+            except ckpt_io.CheckpointWriteError as err:
+                failed = err
+        if world_size > 1:  # every rank stops together, rather than waiting on a rank 0 that left
+            flag = torch.tensor([float(failed is not None)], device=device)
+            dist.all_reduce(flag)
+            if flag.item() and failed is None:
+                failed = ckpt_io.CheckpointWriteError(f"rank 0 could not write {ckpt_path}")
+        if failed is not None:
+            raise failed
+        last_saved = step
 
     end = cfg.steps if cfg.stop_at is None else max(start, min(cfg.steps, cfg.stop_at))
     tokens_per_step = cfg.batch_size * world_size * cfg.grad_accum * cfg.block_size
@@ -274,8 +315,11 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
     metrics = _open_metrics(out / "metrics.jsonl", start if saved is not None else None) if main else None
 
     def log(**record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        try:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        except OSError as err:
+            raise ckpt_io.write_error(err, out / "metrics.jsonl") from None
     losses, vals, speeds, interrupted, done = [], [], [], False, start
     if main:
         say(f"training {model.num_parameters():,} parameters on {device} x{world_size} from step {start} to {end} "
@@ -286,10 +330,15 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
                 t0, lr = time.perf_counter(), lr_at(step, cfg)
                 loss, norm = train_step(ddp, optimizer, step_batches(data, cfg, step, rank, world_size, device),
                                         lr, cfg.grad_clip, cfg.dtype)
-                stats = torch.tensor([loss.item(), float(sigint.requested)], dtype=torch.float64, device=device)
+                stats = torch.tensor([loss.item(), float(sigint.requested), norm.item()], dtype=torch.float64,
+                                     device=device)
                 if world_size > 1:
                     dist.all_reduce(stats)  # mean loss over ranks; stop if any rank got SIGINT
                 loss, stopping, done = stats[0].item() / world_size, stats[1].item() > 0, step + 1
+                if not (math.isfinite(loss) and math.isfinite(stats[2].item())):
+                    kept = f"{ckpt_path} (step {last_saved}) is kept" if last_saved is not None else "nothing was saved"
+                    raise TrainingDiverged(f"training diverged at step {done}: loss {loss}, gradient norm "
+                                           f"{norm.item()}; {kept}. Resume with a lower --lr or --grad-clip")
                 dt = time.perf_counter() - t0
                 losses.append(loss)
                 speeds.append(tokens_per_step / dt)
@@ -328,35 +377,41 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
 
 
 def add_arguments(p) -> None:
-    d = TrainConfig()
+    d, count, whole, real = TrainConfig(), argtypes.integer(1), argtypes.integer(0), argtypes.real
     p.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders (default: the stdlib's sources)")
     p.add_argument("--out", default=d.out, help=f"folder for ckpt.pt and metrics.jsonl (default {d.out})")
     model = p.add_argument_group("model (default: GPTConfig's, or the checkpoint's with --resume)")
-    for name, kind in (("n_layer", int), ("n_head", int), ("d_model", int), ("block_size", int), ("dropout", float)):
-        model.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    for name in ("n_layer", "n_head", "d_model", "block_size"):
+        model.add_argument("--" + name.replace("_", "-"), type=count, default=None)
+    model.add_argument("--dropout", type=real(0.0, below=1.0), default=None, help="in [0, 1)")
     model.add_argument("--pos-encoding", choices=POSITION_ENCODINGS, default=None)
     model.add_argument("--kernels", choices=KERNELS, default=None)
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--steps", type=int, default=d.steps, help="optimizer updates in the whole run")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size,
+    opt.add_argument("--steps", type=count, default=d.steps, help="optimizer updates in the whole run")
+    opt.add_argument("--batch-size", type=count, default=d.batch_size,
                      help="sequences per rank and micro-step; global batch = batch_size*world_size*grad_accum")
-    opt.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per update")
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        opt.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    opt.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup updates")
+    opt.add_argument("--grad-accum", type=count, default=d.grad_accum, help="micro-steps per update")
+    opt.add_argument("--lr", type=real(0.0, above=True), default=d.lr, help=f"peak learning rate (default {d.lr})")
+    opt.add_argument("--min-lr", type=real(0.0), default=d.min_lr, help=f"end of the cosine, <= --lr (default "
+                     f"{d.min_lr})")
+    opt.add_argument("--weight-decay", type=real(0.0), default=d.weight_decay)
+    opt.add_argument("--grad-clip", type=real(0.0), default=d.grad_clip, help="max gradient norm; 0: no clipping")
+    opt.add_argument("--warmup", type=whole, default=d.warmup, help="linear warmup updates")
     opt.add_argument("--dtype", choices=("fp32", "bf16"), default=d.dtype)
-    opt.add_argument("--seed", type=int, default=d.seed)
+    opt.add_argument("--seed", type=argtypes.SEED, default=d.seed)
     run = p.add_argument_group("run")
-    run.add_argument("--eval-every", type=int, default=d.eval_every, help="0: only at the end")
-    run.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    run.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="0: only at the end and on Ctrl-C")
-    run.add_argument("--log-every", type=int, default=d.log_every, help="log lines when there is no progress bar")
+    run.add_argument("--eval-every", type=whole, default=d.eval_every, help="0: only at the end")
+    run.add_argument("--eval-batches", type=count, default=d.eval_batches)
+    run.add_argument("--ckpt-every", type=whole, default=d.ckpt_every, help="0: only at the end and on Ctrl-C")
+    run.add_argument("--log-every", type=count, default=d.log_every, help="log lines when there is no progress bar")
     run.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    run.add_argument("--stop-at", type=int, default=None, help="stop (and checkpoint) after this update, as "
+    run.add_argument("--stop-at", type=whole, default=None, help="stop (and checkpoint) after this update, as "
                      "Ctrl-C would; the lr schedule still spans --steps")
     run.add_argument("--save-safetensors", action="store_true", help="also write OUT/model.safetensors")
-    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    run.add_argument("--threads", type=count, default=None, help="torch.set_num_threads")
     run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    run.add_argument("--nproc-per-node", type=count, default=None, help="launch N ranks on this machine, as "
+                     "torchrun --standalone --nproc_per_node=N would (Ctrl-C: checkpoint and exit 130)")
     run.add_argument("--cache-dir", default=None, help="token cache (default: $FASTTX_CACHE or ~/.cache/fasttx)")
 
 
@@ -370,10 +425,59 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def launch(argv: list[str], nproc: int) -> int:
+    """`torchrun --standalone --nproc_per_node=nproc -m fasttx train argv` in this process, its endings in one line.
+
+    On SIGINT torchrun's agent forwards the signal to the workers (they finish the update, checkpoint and
+    exit), waits for them, then raises SignalException: here that is exit code 130 and one line.
+    """
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    targs = torchrun.parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "fasttx", "train", *argv])
+    for name in list(logging.Logger.manager.loggerDict):  # its warnings say what the one line below says
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(targs)
+    except SignalException as err:
+        print(f"fasttx train: interrupted by signal {err.sigval}: the workers saved a checkpoint if they had "
+              f"started training; continue with --resume", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except ChildFailedError as err:  # the failing rank printed its error already
+        codes = [f.exitcode for f in err.failures.values()]
+        return next((c for c in codes if c > 0), FAILED_EXIT_CODE)
+    return 0
+
+
 def main(args) -> int:
+    """Every failure is one line on stderr: exit 2 for bad flags or checkpoints, 1 for a run that went wrong."""
+    def fail(err, code, every_rank=False):
+        if every_rank or os.environ.get("RANK", "0") == "0":  # the others hit the same error: say it once
+            print(f"fasttx train: error: {err}", file=sys.stderr)
+        return code
+    if args.nproc_per_node and args.nproc_per_node > 1 and "RANK" not in os.environ:
+        argv = getattr(args, "argv", None) or sys.argv[1:]
+        argv = list(argv[argv.index("train") + 1:])
+        for i, a in enumerate(argv):  # the workers are single ranks of this launch
+            if len(a.split("=")[0]) > 2 and "--nproc-per-node".startswith(a.split("=")[0]):  # argparse abbreviates
+                del argv[i: i + (1 if "=" in a else 2)]
+                break
+        return launch(argv, args.nproc_per_node)
     try:
         result = train(config_from_args(args))
+    except KeyboardInterrupt:  # before the loop's own SIGINT handler was installed
+        print("fasttx train: interrupted before training started; nothing was saved", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except (TrainingDiverged, ckpt_io.CheckpointWriteError) as err:
+        return fail(err, FAILED_EXIT_CODE)
     except (ckpt_io.CheckpointError, ValueError, FileExistsError) as err:
-        print(f"fasttx train: error: {err}", file=sys.stderr)
-        return 2
+        return fail(err, BAD_INPUT_EXIT_CODE)
+    except OSError as err:  # unreadable --data, a full disk for the token cache, ...
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            err = ckpt_io.write_error(err, err.filename or "the token cache or metrics")
+        return fail(err, FAILED_EXIT_CODE, every_rank=True)
     return INTERRUPTED_EXIT_CODE if result["interrupted"] else 0

@@ -184,8 +184,8 @@ class GPT(torch.nn.Module):
         """
         if max_new_tokens < 0:
             raise ValueError(f"GPT.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"GPT.generate: temperature must be >= 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"GPT.generate: temperature must be finite and >= 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"GPT.generate: top_k must be in [1, {self.config.vocab_size}], got {top_k}")
         if idx.dim() != 2 or idx.shape[1] == 0:
@@ -224,8 +224,8 @@ class KVCache:
 
 
 def _split_heads(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
-    batch, seq, _ = qkv.shape
-    return qkv.view(batch, seq, 3, n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    batch, seq, width = qkv.shape  # head_dim spelled out: with no tokens, view() cannot infer a -1
+    return qkv.view(batch, seq, 3, n_head, width // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _norm(norm: LayerNorm, x: Tensor, eager: bool) -> Tensor:
@@ -272,7 +272,10 @@ def _cached_block(block: TransformerBlock, x: Tensor, cache: KVCache, layer: int
 def _sample(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # In float64 after subtracting the max, any positive temperature works: a tiny one (1e-45) sends the
+    # others to -inf and keeps the max at 0, where float32 logits / 1e-45 overflow to inf and give NaN.
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fasttx.nn._arguments import positive_int
 from fasttx.nn.recompute import autocast_operand
 from fasttx.ops._eager import under_transform
 from fasttx.ops.attention import scaled_dot_product_attention
@@ -31,6 +32,11 @@ def _packed(grads, b: int, t: int, n_heads: int, head_dim: int) -> Optional[Tens
     return grads[0].as_strided((b, t, row), (t * row, row, 1), first)
 
 
+def _heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    b, t, three_d = qkv.shape  # head_dim spelled out: with no tokens, view() cannot infer a -1
+    return qkv.view(b, t, 3, n_heads, three_d // (3 * n_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class _SplitHeads(torch.autograd.Function):
     """The packed QKV projection (batch, seq_len, 3 * d_model) as q, k, v (batch, heads, seq_len,
     head_dim) views. Autograd's own split (view, permute, unbind) stacks the three gradients in
@@ -41,7 +47,7 @@ class _SplitHeads(torch.autograd.Function):
     def forward(ctx, qkv: Tensor, n_heads: int):
         b, t, three_d = qkv.shape
         ctx.dims = (b, t, n_heads, three_d // (3 * n_heads))
-        return qkv.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return _heads(qkv, n_heads)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -52,7 +58,7 @@ class _SplitHeads(torch.autograd.Function):
             packed = like.new_empty(b, t, 3, n_heads, head_dim)
             for i, g in enumerate(grads):
                 packed[:, :, i] = 0 if g is None else g.transpose(1, 2)
-            packed = packed.view(b, t, -1)
+            packed = packed.view(b, t, 3 * n_heads * head_dim)
         return packed, None
 
 
@@ -62,8 +68,7 @@ def split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     # torch.func transforms and forward-mode AD need the views' own derivatives.
     if (torch.compiler.is_compiling() or torch._C._is_tracing() or under_transform()
             or not (torch.is_grad_enabled() and qkv.requires_grad)):
-        b, t, _ = qkv.shape
-        return qkv.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return _heads(qkv, n_heads)
     return _SplitHeads.apply(qkv, n_heads)
 
 
@@ -71,8 +76,10 @@ class MultiheadSelfAttention(torch.nn.Module):
     def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0, is_causal: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if n_heads <= 0 or d_model % n_heads:
-            raise ValueError(f"MultiheadSelfAttention: d_model ({d_model}) must be a positive multiple of n_heads "
+        d_model = positive_int("MultiheadSelfAttention", "d_model", d_model)
+        n_heads = positive_int("MultiheadSelfAttention", "n_heads", n_heads)
+        if d_model % n_heads:
+            raise ValueError(f"fasttx.nn.MultiheadSelfAttention: d_model ({d_model}) must be a multiple of n_heads "
                              f"({n_heads})")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"MultiheadSelfAttention: dropout must be in [0, 1], got {dropout}")

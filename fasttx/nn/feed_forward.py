@@ -8,6 +8,7 @@ calls them.
 """
 import torch
 
+from fasttx.nn._arguments import positive_int
 from fasttx.ops.gelu_ffn import ACTIVATIONS, gelu_ffn
 
 
@@ -17,6 +18,8 @@ class GELUFFN(torch.nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"GELUFFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        d_model = positive_int("GELUFFN", "d_model", d_model)
+        d_hidden = positive_int("GELUFFN", "d_hidden", d_hidden)
         self.activation = activation
         self.fc1 = torch.nn.Linear(d_model, d_hidden, bias=bias, device=device, dtype=dtype)
         self.fc2 = torch.nn.Linear(d_hidden, d_model, bias=bias, device=device, dtype=dtype)

@@ -10,9 +10,12 @@ Inside ``recomputed_activations()``, a tensor given to ``remember(t, rebuild,
 (``rebuild``, which reads only ``inputs``, tensors kept anyway); backward
 calls it again. Outside, ``remember`` does nothing.
 The recipes here rebuild bit-identical tensors: the same norm kernel on the
-same input (add_layer_norm's output equals layer_norm of its saved sum). A
-recipe input modified in place after the forward raises in backward, as
-autograd does for saved tensors.
+same input (add_layer_norm's output equals layer_norm of its saved sum).
+
+Under saved-tensor hooks autograd stops checking saved tensors' versions, so
+the hooks check them: every tensor saved inside the block (kept, recomputed,
+or read by a recipe) that is modified in place after the forward raises in
+backward with autograd's own message, as it would without the hooks.
 
 Nothing is installed under torch.compile (its partitioner chooses what to
 recompute), torch.jit.trace (a trace keeps no hooks) or torch.func transforms
@@ -39,21 +42,49 @@ from torch import Tensor
 from fasttx.ops._eager import under_transform
 
 
-class _Recipe:
-    __slots__ = ("rebuild", "inputs", "versions", "size", "stride", "offset")
+# Autograd's own words, so that users and their tools recognise the error.
+_MODIFIED = "one of the variables needed for gradient computation has been modified by an inplace operation"
 
-    def __init__(self, rebuild: Callable[[], Tensor], inputs: tuple, saved: Tensor) -> None:
-        self.rebuild, self.inputs = rebuild, inputs
-        self.versions = tuple(t._version for t in inputs)
+
+def _check_version(t: Tensor, version: int) -> None:
+    if t._version != version:
+        raise RuntimeError(
+            f"{_MODIFIED}: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version {version} "
+            "instead. fasttx: it was saved for backward inside a fasttx TransformerBlock or GPT (or another "
+            "recomputed_activations() block); clone it before modifying it, or modify it after backward")
+
+
+class _Kept:
+    """A saved tensor kept as it is, with the version autograd would have checked."""
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: Tensor) -> None:
+        # Detached (same data, same version counter): t itself would hold its grad_fn, and a node that
+        # saves its own output would then hold itself, a cycle Python's collector cannot see.
+        self.tensor, self.version = t.detach(), t._version
+
+    def __call__(self) -> Tensor:
+        _check_version(self.tensor, self.version)
+        return self.tensor
+
+
+class _Recipe:
+    __slots__ = ("rebuild", "inputs", "versions", "registered", "version", "size", "stride", "offset")
+
+    def __init__(self, rebuild: Callable[[], Tensor], inputs: tuple, versions: tuple, saved: Tensor,
+                 registered: Tensor) -> None:
+        self.rebuild, self.inputs, self.versions = rebuild, inputs, versions
+        # saved may be a passing view of registered, which shares its version. Weak: the point is not to
+        # keep it; once dead, nothing can modify it any more.
+        self.registered, self.version = weakref.ref(registered), saved._version
         self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
 
     def __call__(self) -> Tensor:
+        registered = self.registered()
+        if registered is not None:
+            _check_version(registered, self.version)
         for t, version in zip(self.inputs, self.versions):
-            if t._version != version:
-                raise RuntimeError(
-                    "fasttx: a tensor needed to recompute an activation in backward was modified in place after "
-                    f"the forward (version {version} -> {t._version}, shape {tuple(t.shape)}); clone it before "
-                    "modifying it")
+            _check_version(t, version)
         with torch.no_grad():
             return self.rebuild().as_strided(self.size, self.stride, self.offset)
 
@@ -62,12 +93,14 @@ class Recipes:
     """The tensors registered in one forward, keyed by storage address, with their recipes."""
 
     def __init__(self) -> None:
-        # storage address -> (weak reference to the tensor, its recipe, the tensors the recipe reads).
-        # Weak, so that a registered tensor dies as soon as nothing else holds it; a dead entry is
-        # ignored, as its address may by then belong to another tensor.
-        self._entries: dict[int, tuple[weakref.ref, Callable[[], Tensor], tuple]] = {}
+        # storage address -> (weak reference to the tensor, its recipe, the tensors the recipe reads, their
+        # versions when t was made). Weak, so that a registered tensor dies as soon as nothing else holds it;
+        # a dead entry is ignored, as its address may by then belong to another tensor.
+        self._entries: dict[int, tuple[weakref.ref, Callable[[], Tensor], tuple, tuple]] = {}
 
-    def remember(self, t: Tensor, rebuild: Callable[[], Tensor], inputs: tuple) -> Tensor:
+    def remember(self, t: Tensor, rebuild: Callable[[], Tensor], inputs: tuple,
+                 versions: Optional[tuple] = None) -> Tensor:
+        """Register t's recipe; versions: those of inputs when t was made, if not now."""
         # Only a fresh, whole, contiguous tensor: the recipe rebuilds exactly that layout.
         whole = t.numel() and t.is_contiguous() and t.storage_offset() == 0 \
             and t.untyped_storage().nbytes() == t.numel() * t.element_size()
@@ -80,11 +113,12 @@ class Recipes:
             def rebuild() -> Tensor:
                 with torch.autocast(device, dtype=dtype):
                     return inner()
-        self._entries[t.untyped_storage().data_ptr()] = (weakref.ref(t), rebuild, inputs)
+        versions = tuple(i._version for i in inputs) if versions is None else versions
+        self._entries[t.untyped_storage().data_ptr()] = (weakref.ref(t), rebuild, inputs, versions)
         return t
 
-    def recipe_of(self, t: Tensor) -> Optional[tuple[Callable[[], Tensor], tuple]]:
-        """The rebuild and inputs registered for t itself, or None."""
+    def recipe_of(self, t: Tensor) -> Optional[tuple[Callable[[], Tensor], tuple, tuple]]:
+        """The rebuild, inputs and their versions registered for t itself, or None."""
         entry = self._entries.get(t.untyped_storage().data_ptr())
         return entry[1:] if entry is not None and entry[0]() is t else None
 
@@ -95,16 +129,16 @@ class Recipes:
         try:
             address = t.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):  # a tensor without real storage (fake, functorch)
-            return t
+            return _Kept(t)
         entry = self._entries.get(address)
         registered = entry[0]() if entry is not None else None
         if registered is None or registered.untyped_storage().data_ptr() != address or registered.dtype != t.dtype:
-            return t
-        return _Recipe(entry[1], entry[2], t)
+            return _Kept(t)
+        return _Recipe(entry[1], entry[2], entry[3], t, registered)
 
     @staticmethod  # not a bound method: autograd keeps the unpack hook, and with it would keep _entries
     def unpack(packed):
-        return packed() if isinstance(packed, _Recipe) else packed
+        return packed()
 
 
 def _other_hooks_active() -> bool:
@@ -168,8 +202,8 @@ def autocast_operand(t: Optional[Tensor]) -> Optional[Tensor]:
         return cast
     found = recipes.recipe_of(t)
     if found is not None:
-        rebuild, inputs = found
-        return recipes.remember(cast, lambda: rebuild().to(dtype), inputs)
+        rebuild, inputs, versions = found
+        return recipes.remember(cast, lambda: rebuild().to(dtype), inputs, versions)
     if isinstance(t, torch.nn.Parameter):
         return recipes.remember(cast, lambda: t.to(dtype), (t,))
     return cast

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fasttx.nn._arguments import positive_int
 from fasttx.nn.attention import MultiheadSelfAttention
 from fasttx.nn.normalization import LayerNorm, add_norm, normed_operand
 from fasttx.nn.recompute import autocast_dtype, autocast_operand, recomputed_activations
@@ -53,9 +54,9 @@ class TransformerBlock(torch.nn.Module):
             raise ValueError(f"TransformerBlock: activation must be one of {ACTIVATIONS}, got {activation!r}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"TransformerBlock: dropout must be in [0, 1], got {dropout}")
-        d_hidden = 4 * d_model if d_hidden is None else d_hidden
-        if d_hidden <= 0:
-            raise ValueError(f"TransformerBlock: d_hidden must be positive, got {d_hidden}")
+        d_model = positive_int("TransformerBlock", "d_model", d_model)
+        n_heads = positive_int("TransformerBlock", "n_heads", n_heads)
+        d_hidden = positive_int("TransformerBlock", "d_hidden", 4 * d_model if d_hidden is None else d_hidden)
         factory = dict(device=device, dtype=dtype)
         self.d_model, self.d_hidden, self.activation = d_model, d_hidden, activation
         self.dropout, self.norm_first = dropout, norm_first

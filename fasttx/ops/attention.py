@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fasttx import backends
 from fasttx.ops._autocast import lower_precision
-from fasttx.ops._checks import check_float, check_same, check_tensor
+from fasttx.ops._checks import check_bool, check_float, check_real, check_same, check_tensor
 from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 from fasttx.ops.philox import dropout_keep_mask
 
@@ -316,6 +316,10 @@ def _additive_mask(attn_mask: Tensor, q: Tensor) -> Tensor:
 
 
 def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    check_real(_OP, "dropout_p", dropout_p, low=0.0, high=1.0)
+    check_real(_OP, "scale", scale, none_ok=True)
+    check_bool(_OP, "is_causal", is_causal)
+    check_bool(_OP, "enable_gqa", enable_gqa)
     for name, t in (("query", q), ("key", k), ("value", v)):
         check_tensor(_OP, name, t)
         if t.dim() < 3:
@@ -338,10 +342,6 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     elif hk not in (hq, 1):
         raise ValueError(f"fasttx.{_OP}: query has {hq} heads and key/value {hk} (dim -3); they must match, "
                          "or pass enable_gqa=True for grouped key/value heads")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"fasttx.{_OP}: dropout_p must be a number in [0, 1], got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"fasttx.{_OP}: scale must be a float or None, got {type(scale).__name__}")
     if attn_mask is None:
         return
     check_tensor(_OP, "attn_mask", attn_mask)

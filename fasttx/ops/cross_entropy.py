@@ -4,10 +4,11 @@ Eager ``F.cross_entropy`` writes log_softmax's (N, V) output and reads it back
 for the nll; its backward zero-fills an (N, V) gradient, scatters into it and
 reads and writes it again in log_softmax_backward. At an LM's vocabulary each
 of those passes is the size of the logits (412 MB for 2048 tokens of GPT-2's
-50257 in fp32). Fused, the forward reads the logits once and keeps one fp32
-log-sum-exp per row; the backward reads them once and writes the gradient,
-``g * (softmax(x) - onehot(target))``, once. bf16/fp16 logits are computed in
-fp32 without an fp32 copy.
+50257 in fp32). Fused, the forward reads the logits once and keeps two fp32
+numbers per row, its max m and log(sum exp(x - m)) (their sum, the log-sum-exp,
+would round the second away at a large shared offset); the backward reads the
+logits once and writes the gradient, ``g * (softmax(x) - onehot(target))``,
+once. bf16/fp16 logits are computed in fp32 without an fp32 copy.
 
 Backends: triton and cuda (a program / block per row, an online max and sum
 over column blocks), cpu (softmax_kernels.h's row passes) and torch, the
@@ -18,9 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from fasttx import backends
-from fasttx.ops._checks import check_choice, check_float, check_tensor
+from fasttx.ops._checks import check_choice, check_float, check_int, check_tensor
 from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -41,17 +43,20 @@ def _acc_dtype(dtype):
 
 def _torch_forward(logits, target, ignore_index):
     x = logits.to(_acc_dtype(logits.dtype))
-    lse = torch.logsumexp(x, -1)
+    row_max = x.amax(-1)
+    log_sum = torch.log(torch.exp(x - row_max[:, None]).sum(-1))
     ignored = target == ignore_index
     picked = x.gather(1, target.masked_fill(ignored, 0)[:, None])[:, 0]
-    return torch.where(ignored, 0.0, lse - picked), lse
+    # (max - x_t) + log_sum, never lse - x_t: lse = max + log_sum rounds away log_sum when the
+    # logits share a large offset (at 1e8 an fp32 ulp is 8), and max - x_t cancels that offset exactly.
+    return torch.where(ignored, 0.0, (row_max - picked) + log_sum), row_max, log_sum
 
 
-def _torch_backward(grad_rows, logits, target, lse, ignore_index):
+def _torch_backward(grad_rows, logits, target, row_max, log_sum, ignore_index):
     x = logits.to(_acc_dtype(logits.dtype))
     ignored = target == ignore_index
-    grad = torch.exp(x - lse[:, None])
-    grad.scatter_add_(1, target.masked_fill(ignored, 0)[:, None], -torch.ones_like(lse)[:, None])
+    grad = torch.exp((x - row_max[:, None]) - log_sum[:, None])
+    grad.scatter_add_(1, target.masked_fill(ignored, 0)[:, None], -torch.ones_like(log_sum)[:, None])
     return (grad * torch.where(ignored, 0.0, grad_rows)[:, None]).to(logits.dtype)
 
 
@@ -98,56 +103,56 @@ IMPLEMENTATIONS = (
 )
 
 
-def _forward(logits: Tensor, target: Tensor, ignore_index: int, backend: str) -> tuple[Tensor, Tensor]:
+def _forward(logits: Tensor, target: Tensor, ignore_index: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, logits)
     if logits.numel() == 0:
         impl = IMPLEMENTATIONS[-1]
     return impl.forward(logits, target, ignore_index)
 
 
-def _backward(grad_rows: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
-              backend: str) -> Tensor:
+def _backward(grad_rows: Tensor, logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor,
+              ignore_index: int, backend: str) -> Tensor:
     impl = backends.choose(_OP, IMPLEMENTATIONS, backend, logits)
     if logits.numel() == 0:
         impl = IMPLEMENTATIONS[-1]
-    return impl.backward(grad_rows.contiguous(), logits, target, lse, ignore_index)
+    return impl.backward(grad_rows.contiguous(), logits, target, row_max, log_sum, ignore_index)
 
 
 @torch.library.custom_op("fasttx::cross_entropy_forward", mutates_args=())
 def _cross_entropy_forward_op(logits: Tensor, target: Tensor, ignore_index: int,
-                              backend: str) -> tuple[Tensor, Tensor]:
+                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(logits, target, ignore_index, backend)
 
 
 @_cross_entropy_forward_op.register_fake
 def _(logits, target, ignore_index, backend):
     acc = _acc_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+    return tuple(logits.new_empty(logits.shape[0], dtype=acc) for _ in range(3))
 
 
 @torch.library.custom_op("fasttx::cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward_op(grad_rows: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
-                               backend: str) -> Tensor:
-    return _backward(grad_rows, logits, target, lse, ignore_index, backend)
+def _cross_entropy_backward_op(grad_rows: Tensor, logits: Tensor, target: Tensor, row_max: Tensor, log_sum: Tensor,
+                               ignore_index: int, backend: str) -> Tensor:
+    return _backward(grad_rows, logits, target, row_max, log_sum, ignore_index, backend)
 
 
 @_cross_entropy_backward_op.register_fake
-def _(grad_rows, logits, target, lse, ignore_index, backend):
+def _(grad_rows, logits, target, row_max, log_sum, ignore_index, backend):
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
     logits, target, ignore_index, backend = inputs
-    ctx.save_for_backward(logits, target, output[1])  # the logits and one lse per row: no (N, V) output kept
+    ctx.save_for_backward(logits, target, output[1], output[2])  # the logits and two floats a row: no (N, V) output
     ctx.ignore_index, ctx.backend = ignore_index, backend
 
 
 def _autograd_backward(backward):
-    def run(ctx, grad_loss, _grad_lse):
-        logits, target, lse = ctx.saved_tensors
+    def run(ctx, grad_loss, _grad_max, _grad_log_sum):
+        logits, target, row_max, log_sum = ctx.saved_tensors
         if graphed_backward():
             return _differentiable_backward(grad_loss, logits, target, ctx.ignore_index), None, None, None
-        return backward(grad_loss, logits, target, lse, ctx.ignore_index, ctx.backend), None, None, None
+        return backward(grad_loss, logits, target, row_max, log_sum, ctx.ignore_index, ctx.backend), None, None, None
     return run
 
 
@@ -172,8 +177,7 @@ def _check(input, target, ignore_index, reduction):
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     if target.device != input.device:
         raise ValueError(f"fasttx.{_OP}: target is on {target.device} but input is on {input.device}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"fasttx.{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int(_OP, "ignore_index", ignore_index)
     check_choice(_OP, "reduction", reduction, REDUCTIONS)
     if torch.compiler.is_compiling():
         return  # a data-dependent check would break the graph. Then the cpu kernel raises on a bad target,
@@ -185,6 +189,8 @@ def _check(input, target, ignore_index, reduction):
         torch._assert_async(~bad.any(), f"fasttx.{_OP}: a target is neither a class index in "
                                         f"[0, {input.shape[1]}) nor ignore_index ({ignore_index})")
         return
+    if is_fake(bad):
+        return  # FakeTensorMode (torch.export, compile's tracing) has no data to look at
     if bad.any():
         first = int(bad.nonzero()[0, 0])
         raise ValueError(f"fasttx.{_OP}: target[{first}] = {int(target[first])} is not a class index in "
@@ -198,9 +204,9 @@ def cross_entropy_float(input: Tensor, target: Tensor, ignore_index: int = -100,
     logits, target = input.contiguous(), target.contiguous()
     args = (logits, target, ignore_index, backends.requested_backend())
     if plain_eager(logits, target):
-        loss_rows, _ = _CrossEntropyFunction.apply(*args)
+        loss_rows, _, _ = _CrossEntropyFunction.apply(*args)
     else:
-        loss_rows, _ = _torch_forward(*args[:-1]) if under_transform() else _cross_entropy_forward_op(*args)
+        loss_rows, _, _ = _torch_forward(*args[:-1]) if under_transform() else _cross_entropy_forward_op(*args)
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum(dtype=torch.float64)  # N row losses of ~log(V) each: float32 sums lose digits

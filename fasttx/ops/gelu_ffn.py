@@ -13,6 +13,7 @@ torch, the reference.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -219,7 +220,7 @@ def gelu_ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     """
     x, w1, b1, w2, b2 = lower_precision(x, w1, b1, w2, b2)  # as autocast runs torch's two linears
     _check(x, w1, b1, w2, b2, activation)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()  # not -1: d_model may be 0
     args = (rows, w1.contiguous(), b1.contiguous() if b1 is not None else None, w2.contiguous(),
             b2.contiguous() if b2 is not None else None, activation, backends.requested_backend())
     if plain_eager(*args[:5]):

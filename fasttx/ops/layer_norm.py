@@ -14,7 +14,6 @@ s; read s; write y) and 6 backward; fused it is 4 and 4.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -23,9 +22,9 @@ from torch import Tensor
 
 from fasttx import backends
 from fasttx.ops._autocast import params_like, promoted
-from fasttx.ops._checks import check_float, check_same, check_tensor
+from fasttx.ops._checks import check_float, check_real, check_same, check_shape, check_tensor
 from fasttx.ops._eager import (PLAIN_TENSOR_TYPES as _PLAIN, eager_function, graphed_backward, plain_eager,
-                              under_transform)
+                               under_transform)
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -263,17 +262,55 @@ def _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms, out_dtype)
 
 # ---- public API ---------------------------------------------------------------
 
-def _normalized_shape(normalized_shape: ShapeLike) -> tuple:
-    if isinstance(normalized_shape, numbers.Integral):
-        return (int(normalized_shape),)
-    return tuple(int(d) for d in normalized_shape)
+def _check_scalars(op, normalized_shape, eps, out_dtype, eps_none_ok=False) -> tuple:
+    """normalized_shape as a tuple, once eps and out_dtype are checked too."""
+    shape = check_shape(op, "normalized_shape", normalized_shape)
+    check_real(op, "eps", eps, low=0.0, none_ok=eps_none_ok)
+    _check_out_dtype(op, out_dtype)
+    return shape
+
+
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def _mixed_params(op, x, residual, params, out_dtype, rms):
+    """torch's mixed parameter dtypes, in one dtype for the kernels: (x, residual, params, out_dtype, x_dtype).
+
+    F.layer_norm takes float32 weight and bias for a bfloat16/float16 input (a float32 bias alone
+    too, though its backward then fails), and F.rms_norm any float weight; both return the input's
+    dtype, computed in the wider one. Here x (and the residual) and the parameters go to that dtype,
+    and the output is rounded once to x's: exact casts, so the result is torch's, and the
+    parameters' gradients come back in their own dtype. Anything else (or autocast, whose casts
+    params_like makes) passes through for the checks to judge. x_dtype is None when nothing changed.
+    """
+    x_dtype = getattr(x, "dtype", None)
+    if all(p is None or getattr(p, "dtype", x_dtype) == x_dtype for p in params):
+        return x, residual, params, out_dtype, None  # the common case, first and cheap
+    given = [p for p in params if isinstance(p, Tensor)]
+    if not isinstance(x, Tensor) or not x.is_floating_point() or not all(p.is_floating_point() for p in given) \
+            or (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)):
+        return x, residual, params, out_dtype, None
+    if rms:
+        dtype = x.dtype
+        for p in given:
+            dtype = torch.promote_types(dtype, p.dtype)
+    elif x.dtype in _NARROW and all(p.dtype == torch.float32 for p in given):
+        dtype = torch.float32
+    else:
+        name, bad = next((n, p) for n, p in zip(("weight", "bias"), params) if p is not None and p.dtype != x.dtype)
+        raise TypeError(f"fasttx.{op}: {name} has dtype {bad.dtype} but x has {x.dtype}; {op} takes weight and "
+                        "bias in x's dtype, or both in float32 for a bfloat16/float16 x, as torch does")
+    if residual is not None and not (isinstance(residual, Tensor) and residual.dtype == x.dtype):
+        return x, residual, params, out_dtype, None  # the residual check says what is wrong
+    cast = lambda t: t.to(dtype) if isinstance(t, Tensor) else t
+    return cast(x), cast(residual), tuple(cast(p) for p in params), out_dtype or x.dtype, x.dtype
 
 
 def _check_and_flatten(op, x, normalized_shape, weight, bias):
     """Validate, and view x as rows (M, N) with N = prod(normalized_shape)."""
     check_tensor(op, "x", x)
     check_float(op, "x", x)
-    shape = _normalized_shape(normalized_shape)
+    shape = check_shape(op, "normalized_shape", normalized_shape)
     if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
         raise ValueError(f"fasttx.{op}: normalized_shape {shape} must be a non-empty suffix of the shape of x "
                          f"{tuple(x.shape)}")
@@ -307,7 +344,8 @@ def layer_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] 
     precision, rounded once). Under autocast, a norm followed by a linear can hand it autocast's dtype
     directly: the CPU kernel then writes bf16 and reads its bf16 gradient, with no cast either way.
     """
-    _check_out_dtype("layer_norm", out_dtype)
+    normalized_shape = _check_scalars("layer_norm", normalized_shape, eps, out_dtype)
+    x, _, (weight, bias), out_dtype, _ = _mixed_params("layer_norm", x, None, (weight, bias), out_dtype, False)
     fast = _eager_cpu(x, None, normalized_shape, weight, bias, eps, False, out_dtype)
     if fast is not None:
         return fast[0]
@@ -326,11 +364,16 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, wei
     autocast a bf16 x meets an fp32 residual in fp32, as ``x + residual`` does; the CPU kernel reads
     x as it is and writes x's gradient in bf16, with no cast either way.
     """
-    _check_out_dtype("add_layer_norm", out_dtype)
+    op = "add_layer_norm"
+    normalized_shape = _check_scalars(op, normalized_shape, eps, out_dtype)
+    x, residual, (weight, bias), out_dtype, sum_dtype = _mixed_params(op, x, residual, (weight, bias), out_dtype,
+                                                                      False)
+    if sum_dtype is not None:  # the sum in x's dtype, as x + residual gives it to torch's layer_norm
+        y, s = add_layer_norm(x, residual, normalized_shape, weight, bias, eps, out_dtype=out_dtype)
+        return y, s.to(sum_dtype)
     fast = _eager_cpu(x, residual, normalized_shape, weight, bias, eps, False, out_dtype)
     if fast is not None:
         return fast
-    op = "add_layer_norm"
     check_tensor(op, "residual", residual)
     if isinstance(x, Tensor):
         x, residual = promoted(x, residual)  # autocast: a bf16 branch meets an fp32 residual in fp32, as x + r
@@ -351,9 +394,10 @@ def rms_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = 
     computed in (float32 for float16/bfloat16 inputs), which is what torch does.
     ``out_dtype`` as for layer_norm.
     """
-    _check_out_dtype("rms_norm", out_dtype)
-    if eps is None and isinstance(x, Tensor):
-        eps = torch.finfo(_acc_dtype(x.dtype)).eps
+    normalized_shape = _check_scalars("rms_norm", normalized_shape, eps, out_dtype, eps_none_ok=True)
+    if eps is None and isinstance(x, Tensor) and x.is_floating_point():
+        eps = torch.finfo(_acc_dtype(x.dtype)).eps  # x's, not the wider dtype it may be computed in below
+    x, _, (weight,), out_dtype, _ = _mixed_params("rms_norm", x, None, (weight,), out_dtype, True)
     fast = _eager_cpu(x, None, normalized_shape, weight, None, eps, True, out_dtype)
     if fast is not None:
         return fast[0]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fasttx import backends
-from fasttx.ops._checks import check_float, check_tensor
+from fasttx.ops._checks import check_bool, check_float, check_real, check_tensor
 from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, under_transform
 from fasttx.ops.attention import _acc_dtype, _additive_mask, causal_mask
 
@@ -154,8 +154,8 @@ def softmax(x: Tensor, scale: float = 1.0, attn_mask: Optional[Tensor] = None, i
     check_float(_OP, "x", x)
     if x.dim() < 2:
         raise ValueError(f"fasttx.{_OP}: x must have shape (..., Tq, Tk) with at least 2 dims, got {tuple(x.shape)}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"fasttx.{_OP}: scale must be a float, got {type(scale).__name__}")
+    check_real(_OP, "scale", scale)
+    check_bool(_OP, "is_causal", is_causal)
     tq, tk = x.shape[-2:]
     heads = x.shape[-3] if x.dim() > 2 else 1
     rows = x.reshape(math.prod(x.shape[:-3]), heads, tq, tk).contiguous()

@@ -1,12 +1,20 @@
 """fasttx.patch(model) and fasttx.unpatch(model): swap the compute of known modules for fasttx's kernels.
 
 A patch changes a module's class to a subclass that overrides ``forward``
-(or one other method or property) and nothing else: the parameters, buffers, their names (so the state_dict),
-hooks and ``isinstance`` checks stay as they were, and ``unpatch`` puts the
-original class back. A module is recognised by its structure (its type and
-the submodules and attributes its patched forward reads), never by a
-library's version number. A module that looks like a candidate but is not
-recognised is left alone and reported, never half-patched.
+(or one other method or property): the parameters, buffers, their names (so
+the state_dict), hooks and ``isinstance`` checks stay as they were, and
+``unpatch`` puts the original class back. A patched method that computes
+submodules without calling them (a TransformerEncoderLayer's norms and
+linears) runs the original code in any call where one of them has a hook
+(spec.runs_hooks), so hooks fire as unpatched. A patched module pickles,
+torch.saves and deepcopies: it is rebuilt, patched, from its original class
+and the patch's methods (_reduce_ex). torch.jit.script refuses it with an
+error that names fasttx.unpatch.
+
+A module is recognised by its structure (its type and the submodules and
+attributes its patched forward reads), never by a library's version number.
+A module that looks like a candidate but is not recognised is left alone and
+reported, never half-patched.
 
 The recognisers live one file per source of modules:
     torch_modules.py   torch.nn.LayerNorm, torch.nn.TransformerEncoderLayer
@@ -15,6 +23,8 @@ The recognisers live one file per source of modules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 
 from fasttx.patching import hf_transformers, torch_modules
@@ -41,14 +51,37 @@ _PATCHED_CLASSES: dict = {}
 _SAVED_ATTRIBUTES = "_fasttx_saved_attributes"
 
 
-def _patched_class(original: type, methods: dict) -> type:
-    """One subclass per (class, methods), so identical modules share a class (and compiled code)."""
-    key = (original, tuple(sorted(methods.items(), key=lambda kv: kv[0])))
+def _patched_class(original: type, methods: Callable[..., dict], args: tuple) -> type:
+    """One subclass per (class, methods, args), so identical modules share a class (and compiled code)."""
+    key = (original, methods, args)
     if key not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[key] = type(original.__name__, (original,), {
-            **methods, "_fasttx_original_class": original,
+            **methods(*args), "_fasttx_original_class": original, "_fasttx_methods": (methods, args),
+            "__reduce_ex__": _reduce_ex, "__prepare_scriptable__": _refuse_scripting,
             "__module__": original.__module__, "__qualname__": original.__qualname__})
     return _PATCHED_CLASSES[key]
+
+
+def _reduce_ex(self, protocol):
+    # pickle would store the class by its name, which finds the original class, not this one: store how
+    # to rebuild it instead. The state is the module's own (__setstate__ puts it back), so references
+    # between modules, and cycles, pickle as usual.
+    cls = type(self)
+    return _new_patched, (cls._fasttx_original_class, *cls._fasttx_methods), self.__getstate__()
+
+
+def _new_patched(original: type, methods: Callable[..., dict], args: tuple) -> torch.nn.Module:
+    cls = _patched_class(original, methods, args)
+    return cls.__new__(cls)
+
+
+def _refuse_scripting(self):
+    # torch.jit.script calls this on every module before it compiles any; the patched code calls fasttx's
+    # Python ops, which TorchScript cannot compile.
+    raise RuntimeError(
+        f"fasttx: torch.jit.script cannot compile fasttx-patched modules (this model holds a patched "
+        f"{type(self).__qualname__}, whose code calls fasttx's Python ops). Call fasttx.unpatch(model) first to "
+        "script the original code, or use torch.compile, which compiles the patched code")
 
 
 def _apply(module: torch.nn.Module, found: Patch) -> None:
@@ -56,7 +89,7 @@ def _apply(module: torch.nn.Module, found: Patch) -> None:
         module.__dict__[_SAVED_ATTRIBUTES] = {name: getattr(module, name) for name in found.attributes}
         for name, value in found.attributes.items():
             setattr(module, name, value)
-    module.__class__ = _patched_class(type(module), found.methods)
+    module.__class__ = _patched_class(type(module), found.methods, found.args)
 
 
 def is_patched(module: torch.nn.Module) -> bool:

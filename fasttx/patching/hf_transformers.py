@@ -24,12 +24,14 @@ What each patch swaps:
     fasttx.cross_entropy, which reads bf16 logits without their fp32 copy and
     keeps no (tokens, vocab) log-softmax. The logits are still returned.
 GPT-2's residual adds stay in GPT2Block, whose forward carries the cache
-plumbing that changes between versions.
+plumbing that changes between versions. A patched forward that computes
+submodules without calling them (GPT2MLP's c_fc, act and c_proj; BERT's
+LayerNorm, intermediate and output.dense) runs transformers' own code in any
+call where one of them has a hook, so hooks fire as unpatched.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 from typing import Optional
 
@@ -41,7 +43,7 @@ from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.cross_entropy import cross_entropy_float
 from fasttx.ops.gelu_ffn import gelu_ffn
 from fasttx.ops.layer_norm import add_layer_norm
-from fasttx.patching.spec import Options, Patch
+from fasttx.patching.spec import Options, Patch, runs_hooks
 
 ATTENTION_NAME = "fasttx"
 _MASK_FORMATS = ("sdpa", "eager")  # implementations whose masks fasttx's attention takes as they are
@@ -91,9 +93,13 @@ def fasttx_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_attention(interface) -> None:
+def _attention_methods(original: type) -> dict:
+    """transformers' own forward stays (no methods): the patch is the config naming fasttx's function,
+    registered here, when the class is made, so that a patched model unpickled in a fresh process finds it."""
+    interface = _dispatches_through_attention_interface(original)
     if ATTENTION_NAME not in interface:  # the registry is global to transformers: once is enough
         interface.register(ATTENTION_NAME, fasttx_attention_forward)
+    return {}
 
 
 def _dispatches_through_attention_interface(cls: type) -> Optional[object]:
@@ -117,10 +123,10 @@ def _attention(module, options: Options):
         return f"the model runs attn_implementation={implementation!r}; fasttx takes the masks of {_MASK_FORMATS}"
     if getattr(module, "reorder_and_upcast_attn", False) and implementation == "eager":
         return "reorder_and_upcast_attn with eager attention runs its own upcast path"
-    _register_attention(interface)
     own = copy.copy(config)
     own._attn_implementation = ATTENTION_NAME
-    return Patch({}, "fasttx.scaled_dot_product_attention (through AttentionInterface)", {"config": own})
+    return Patch(_attention_methods, (type(module),),
+                 "fasttx.scaled_dot_product_attention (through AttentionInterface)", {"config": own})
 
 
 # ---- feed-forward and add + norm ------------------------------------------------------
@@ -159,16 +165,17 @@ def _gpt2_mlp(module, options: Options):
     activation = _activation_name(getattr(module, "act", None))
     if activation is None:
         return f"its activation {type(getattr(module, 'act', None)).__name__} is not gelu, gelu_tanh or relu"
-    return Patch.forward(_gpt2_mlp_forward(activation), f"fasttx.gelu_ffn ({activation})")
+    return Patch(_gpt2_mlp_methods, (activation,), f"fasttx.gelu_ffn ({activation})")
 
 
-@functools.lru_cache(maxsize=None)
-def _gpt2_mlp_forward(activation: str):
+def _gpt2_mlp_methods(activation: str) -> dict:
     def forward(self, hidden_states: Tensor) -> Tensor:
+        if runs_hooks(self.c_fc, self.act, self.c_proj):
+            return type(self)._fasttx_original_class.forward(self, hidden_states)
         out = gelu_ffn(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
                        activation)
         return self.dropout(out)
-    return forward
+    return {"forward": forward}
 
 
 def _is_dense_dropout_norm(module) -> Optional[str]:
@@ -188,13 +195,19 @@ def _bert_add_norm(module, options: Options):
     why = _is_dense_dropout_norm(module)
     if why is not None:
         return why
-    return Patch.forward(_bert_add_norm_forward, "dense, then fasttx.add_layer_norm (residual add fused)")
+    return Patch(_bert_add_norm_methods, (), "dense, then fasttx.add_layer_norm (residual add fused)")
 
 
 def _bert_add_norm_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
     norm = self.LayerNorm
+    if runs_hooks(norm):
+        return type(self)._fasttx_original_class.forward(self, hidden_states, input_tensor)
     branch = self.dropout(self.dense(hidden_states))
     return add_layer_norm(branch, input_tensor, norm.normalized_shape, norm.weight, norm.bias, norm.eps)[0]
+
+
+def _bert_add_norm_methods() -> dict:
+    return {"forward": _bert_add_norm_forward}
 
 
 def _bert_layer(module, options: Options):
@@ -210,15 +223,17 @@ def _bert_layer(module, options: Options):
     activation = _activation_name(getattr(intermediate, "intermediate_act_fn", None))
     if activation is None:
         return "its intermediate activation is not gelu, gelu_tanh or relu"
-    return Patch({"feed_forward_chunk": _bert_feed_forward(activation, options.layer_norm)},
+    return Patch(_bert_layer_methods, (activation, options.layer_norm),
                  f"feed_forward_chunk: fasttx.gelu_ffn ({activation})"
                  + (" + fasttx.add_layer_norm" if options.layer_norm else ""))
 
 
-@functools.lru_cache(maxsize=None)
-def _bert_feed_forward(activation: str, fuse_norm: bool):
+def _bert_layer_methods(activation: str, fuse_norm: bool) -> dict:
     def feed_forward_chunk(self, attention_output: Tensor) -> Tensor:
         inner, out = self.intermediate.dense, self.output
+        if runs_hooks(self.intermediate, inner, self.intermediate.intermediate_act_fn, out, out.dense,
+                      out.LayerNorm):
+            return type(self)._fasttx_original_class.feed_forward_chunk(self, attention_output)
         branch = out.dropout(gelu_ffn(attention_output, inner.weight, inner.bias, out.dense.weight, out.dense.bias,
                                       activation))
         norm = out.LayerNorm
@@ -226,7 +241,7 @@ def _bert_feed_forward(activation: str, fuse_norm: bool):
             return add_layer_norm(branch, attention_output, norm.normalized_shape, norm.weight, norm.bias,
                                   norm.eps)[0]
         return norm(branch + attention_output)
-    return feed_forward_chunk
+    return {"feed_forward_chunk": feed_forward_chunk}
 
 
 # ---- the causal LM loss ------------------------------------------------------------------
@@ -255,7 +270,8 @@ def _set_loss_function(self, value):
     self._loss_function = value
 
 
-_LOSS_FUNCTION = property(_patched_loss_function, _set_loss_function)
+def _loss_methods() -> dict:
+    return {"loss_function": property(_patched_loss_function, _set_loss_function)}
 
 
 def _causal_lm_loss(module, options: Options):
@@ -271,4 +287,4 @@ def _causal_lm_loss(module, options: Options):
         return f"its loss_function cannot be resolved ({err})"
     if getattr(current, "__name__", None) != "ForCausalLMLoss":
         return f"its loss is {getattr(current, '__name__', current)!r}, not ForCausalLMLoss"
-    return Patch({"loss_function": _LOSS_FUNCTION}, "loss_function: fasttx.cross_entropy (ForCausalLMLoss's contract)")
+    return Patch(_loss_methods, (), "loss_function: fasttx.cross_entropy (ForCausalLMLoss's contract)")

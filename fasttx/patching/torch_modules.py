@@ -6,16 +6,18 @@ residual adds fused into the LayerNorms that follow them (add_layer_norm).
 Where torch's layer behaves in a way fasttx's ops do not cover, the patched
 forward runs that part with torch's own code, decided per call:
   - dropout inside the FFN in training (the fused FFN never materializes the
-    activation it would drop), and
+    activation it would drop);
   - nested-tensor inputs (TransformerEncoder's inference fast path), which go
-    to torch's forward whole.
+    to torch's forward whole;
+  - any call where a submodule torch's forward calls (norm1, self_attn,
+    linear1, dropout, ...) has a hook, or a global module hook is set: torch's
+    forward whole, so that every hook fires with what it gets unpatched.
 Masks follow torch.nn.MultiheadAttention: a bool src_mask or
 src_key_padding_mask is True where attention is *not* allowed; float masks
 are added. A query row with no key to attend to gives 0, where torch gives NaN.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.gelu_ffn import gelu_ffn
 from fasttx.ops.layer_norm import add_layer_norm, layer_norm
-from fasttx.patching.spec import Options, Patch
+from fasttx.patching.spec import Options, Patch, runs_hooks
 
 _RELU, _GELU = 1, 2  # TransformerEncoderLayer.activation_relu_or_gelu
 
@@ -40,7 +42,7 @@ def recognise(module: torch.nn.Module, options: Options):
             return f"{kind.__qualname__} subclasses torch.nn.LayerNorm with its own forward"
         if not options.layer_norm:
             return "layer_norm=False"
-        return Patch.forward(_layer_norm_forward, "fasttx.layer_norm")
+        return Patch(_layer_norm_methods, (), "fasttx.layer_norm")
     if isinstance(module, torch.nn.TransformerEncoderLayer):
         if kind.forward is not torch.nn.TransformerEncoderLayer.forward:
             return f"{kind.__qualname__} subclasses torch.nn.TransformerEncoderLayer with its own forward"
@@ -49,7 +51,7 @@ def recognise(module: torch.nn.Module, options: Options):
             return why
         parts = [name for name, on in (("flash attention", options.attention), ("fused FFN", options.ffn),
                                        ("add_layer_norm", options.layer_norm)) if on]
-        return Patch.forward(_encoder_layer_forward(options), "fasttx " + ", ".join(parts))
+        return Patch(_encoder_layer_methods, (options,), "fasttx " + ", ".join(parts))
     return None
 
 
@@ -57,6 +59,10 @@ def recognise(module: torch.nn.Module, options: Options):
 
 def _layer_norm_forward(self, input: Tensor) -> Tensor:
     return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _layer_norm_methods() -> dict:
+    return {"forward": _layer_norm_forward}
 
 
 # ---- TransformerEncoderLayer -----------------------------------------------------
@@ -108,14 +114,14 @@ def _mha_mask(src_mask: Optional[Tensor], key_padding: Optional[Tensor], batch: 
     return total
 
 
-@functools.lru_cache(maxsize=None)
-def _encoder_layer_forward(options: Options):
-    """The patched TransformerEncoderLayer.forward for one set of options (cached: one class per set)."""
+def _encoder_layer_methods(options: Options) -> dict:
+    """The patched TransformerEncoderLayer.forward for one set of options."""
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
         original = type(self).__dict__["_fasttx_original_class"]
-        if src.is_nested:
+        if src.is_nested or runs_hooks(self.self_attn, self.norm1, self.norm2, self.linear1, self.linear2,
+                                       self.activation, self.dropout, self.dropout1, self.dropout2):
             return original.forward(self, src, src_mask, src_key_padding_mask, is_causal)
         if is_causal and src_mask is None:
             raise RuntimeError("TransformerEncoderLayer (fasttx-patched): is_causal=True is a hint that src_mask is "
@@ -167,4 +173,4 @@ def _encoder_layer_forward(options: Options):
             out, _ = add_norm(self.norm2, ffn(h), h)
         return out if batch_first else out.transpose(0, 1)
 
-    return forward
+    return {"forward": forward}

@@ -5,6 +5,8 @@ the truth is that reference on float64 logits, and the kernels may be off by at 
 the gradient) the reference's own error in the kernels' output dtype, plus a few ulps of the
 largest value (see _atol).
 """
+import math
+
 import pytest
 import torch
 
@@ -29,24 +31,25 @@ def _check(logits, target, ignore_index=-100, seed=0):
     g = torch.Generator().manual_seed(seed)
     grad_rows = torch.rand(logits.shape[0], generator=g) + 0.5
 
-    loss, lse = kernels.cross_entropy_forward(logits, target, ignore_index)
-    assert loss.dtype == lse.dtype == torch.float32 and loss.shape == lse.shape == logits.shape[:1]
+    out = kernels.cross_entropy_forward(logits, target, ignore_index)
+    assert all(o.dtype == torch.float32 and o.shape == logits.shape[:1] for o in out)
     truth = _torch_forward(logits.double(), target, ignore_index)
     own = _torch_forward(logits, target, ignore_index)
-    for name, out, t, o in zip(("loss", "lse"), (loss, lse), truth, own):
-        assert_within_torch_error(out, t, o, factor=2.0, atol=_atol(t, torch.float32, 4), what=name)
+    for name, o, t, p in zip(("loss", "row_max", "log_sum"), out, truth, own):
+        assert_within_torch_error(o, t, p, factor=2.0, atol=_atol(t, torch.float32, 4), what=name)
+    loss, row_max, log_sum = out
 
-    # The backward from the kernel's lse (its input); the truth from the float64 one.
-    grad = kernels.cross_entropy_backward(grad_rows, logits, target, lse, ignore_index)
+    # The backward from the kernel's row statistics (its input); the truth from the float64 ones.
+    grad = kernels.cross_entropy_backward(grad_rows, logits, target, row_max, log_sum, ignore_index)
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
-    grad_truth = _torch_backward(grad_rows.double(), logits.double(), target, truth[1], ignore_index)
-    grad_own = _torch_backward(grad_rows, logits, target, own[1], ignore_index)
+    grad_truth = _torch_backward(grad_rows.double(), logits.double(), target, *truth[1:], ignore_index)
+    grad_own = _torch_backward(grad_rows, logits, target, *own[1:], ignore_index)
     ulps = 1 if logits.dtype == torch.bfloat16 else 0
     assert_within_torch_error(grad, grad_truth, grad_own, factor=3.0, atol=_atol(grad_truth, logits.dtype, ulps),
                               what="grad_logits")
     ignored = target == ignore_index
     assert (loss[ignored] == 0).all() and (grad[ignored] == 0).all()
-    return loss, lse, grad
+    return loss, grad
 
 
 def _inputs(shape, dtype, seed=0, ignore_index=-100):
@@ -91,7 +94,7 @@ def test_online_rescaling(monkeypatch):
 def test_extreme_logits_and_ignore_index_in_range():
     logits = torch.tensor([[1e4, 0.0, -1e4], [-30.0, 50.0, 80.0], [0.0, 0.0, 0.0], [-1e4, 1e4, 1e4]])
     target = torch.tensor([1, 2, 2, 0])
-    loss, _, _ = _check(logits, target, ignore_index=2)
+    loss, _ = _check(logits, target, ignore_index=2)
     assert loss[1] == 0 and loss[2] == 0
 
 
@@ -107,20 +110,19 @@ def test_bad_target_poisons_its_row_and_reads_nothing():
     # kernel must not read outside the row: the row's loss and gradient are NaN, the others exact.
     logits, _ = _inputs((3, 11), torch.float32)
     target = torch.tensor([11, 4, -7])
-    lse_ok = torch.logsumexp(logits, -1)
-    loss, lse = kernels.cross_entropy_forward(logits, target, -100)
+    loss, row_max, log_sum = kernels.cross_entropy_forward(logits, target, -100)
     assert torch.isnan(loss[0]) and torch.isnan(loss[2]) and not torch.isnan(loss[1])
-    torch.testing.assert_close(lse, lse_ok)
-    grad = kernels.cross_entropy_backward(torch.ones(3), logits, target, lse, -100)
+    torch.testing.assert_close(row_max + log_sum, torch.logsumexp(logits, -1))
+    grad = kernels.cross_entropy_backward(torch.ones(3), logits, target, row_max, log_sum, -100)
     assert torch.isnan(grad[0]).all() and torch.isnan(grad[2]).all() and torch.isfinite(grad[1]).all()
 
 
 def test_no_rows():
     logits = torch.empty(0, 5)
     target = torch.empty(0, dtype=torch.long)
-    loss, lse = kernels.cross_entropy_forward(logits, target, -100)
-    assert loss.shape == lse.shape == (0,)
-    assert kernels.cross_entropy_backward(loss, logits, target, lse, -100).shape == (0, 5)
+    loss, row_max, log_sum = kernels.cross_entropy_forward(logits, target, -100)
+    assert loss.shape == row_max.shape == log_sum.shape == (0,)
+    assert kernels.cross_entropy_backward(loss, logits, target, row_max, log_sum, -100).shape == (0, 5)
 
 
 @pytest.mark.parametrize("V", [1, 7, 1000, 50257])
@@ -143,5 +145,26 @@ def test_rejects_what_the_contract_excludes():
         kernels.cross_entropy_forward(torch.randn(3, 2).t(), t, -100)
     with pytest.raises(ValueError, match="int64"):
         kernels.cross_entropy_forward(x, t.int(), -100)
-    with pytest.raises(ValueError, match="lse"):
-        kernels.cross_entropy_backward(torch.ones(2), x, t, torch.ones(2, dtype=torch.float64), -100)
+    with pytest.raises(ValueError, match="log_sum"):
+        kernels.cross_entropy_backward(torch.ones(2), x, t, torch.ones(2), torch.ones(2, dtype=torch.float64), -100)
+
+
+OFFSETS = (1e4, 1e6, 1e8, -1e8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", OFFSETS, ids=str)
+@pytest.mark.parametrize("V", [1, 997, 5003], ids=lambda v: f"V{v}")
+def test_large_shared_offset(offset, V, dtype):
+    # Logits that share a large offset, one all-equal row and two of offset + randn: loss =
+    # (max - x_t) + log_sum cancels the offset exactly, where lse - x_t rounded log(V) away
+    # (1000 logits of 1e8 gave 8.0, not log 1000 = 6.9078).
+    g = torch.Generator().manual_seed(V)
+    spread = torch.randn(2, V, generator=g)
+    logits = torch.cat([torch.zeros(1, V), spread]) + offset
+    logits = logits.to(DTYPES[dtype])
+    if not torch.isfinite(logits).all():
+        pytest.skip(f"{offset} is past {dtype}'s range")
+    target = torch.tensor([V // 2, 0, V - 1])
+    loss, _ = _check(logits, target)
+    torch.testing.assert_close(loss[0], torch.tensor(math.log(V)), rtol=1e-6, atol=1e-6)
