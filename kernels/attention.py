@@ -537,8 +537,8 @@ def attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed, offset):
     B, Hq, Tq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("inf"))
+    if out.numel() == 0 or k.shape[2] == 0:  # no launch: no rows, or nothing to attend to (out 0, lse +inf)
+        return out.zero_(), lse.fill_(float("inf"))
     Dp = _padded_dim(D)
     q, k, v = (_aligned(t, Dp) for t in (q, k, v))
     out_p = out if Dp == D else q.new_empty((B, Hq, Tq, Dp))

@@ -54,8 +54,12 @@ def test_autocast_dtypes_values_and_gradients(backend, name, make, ours, theirs)
 
 
 def test_outside_autocast_mismatched_dtypes_still_raise():
+    # What torch refuses (a bfloat16 weight for an fp32 x; a residual in another dtype); a bf16 x with
+    # fp32 weights torch takes, and so does fasttx (tests/test_norm_param_dtypes.py).
+    with pytest.raises(TypeError, match="weight has dtype torch.bfloat16 but x has torch.float32"):
+        fasttx.layer_norm(torch.randn(2, N), (N,), torch.ones(N, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="must match"):
-        fasttx.layer_norm(torch.randn(2, N, dtype=torch.bfloat16), (N,), torch.ones(N))
+        fasttx.add_layer_norm(torch.randn(2, N, dtype=torch.bfloat16), torch.randn(2, N), (N,))
 
 
 # ---- the norms' mixed-precision CPU kernels -------------------------------------------------------

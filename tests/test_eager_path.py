@@ -169,12 +169,42 @@ def test_norm_fast_path_makes_autocasts_casts():
     assert norm_eager_cpu(x, r, (8,), None, None, 1e-5, False) is None
 
 
-def test_norm_fast_path_refuses_a_second_derivative():
-    _norm_eager_cpu()
-    x = torch.randn(4, 8, requires_grad=True)
-    (gx,) = torch.autograd.grad(fasttx.layer_norm(x, 8).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        gx.sum().backward()
+def test_norm_fast_path_gives_second_derivatives():
+    """With create_graph=True the C++ node's backward runs in ATen ops that autograd records; before,
+    a gradient penalty on loss.sum() got constants and silently lost its term. Every op and path:
+    tests/test_double_backward.py."""
+    norm_eager_cpu = _norm_eager_cpu()
+    x, r, w, b = _leaves((5, 8), (5, 8), (8,), (8,))
+    for rms in (False, True):
+        y, s = norm_eager_cpu(x, r, (8,), w, None if rms else b, 1e-5, rms)
+        assert "NormFunction" in y.grad_fn.name()  # the C++ node
+        norm = torch.nn.functional.rms_norm if rms else torch.nn.functional.layer_norm
+        expected_y = norm(x + r, (8,), w, *(() if rms else (b,)), 1e-5)
+        leaves = (x, r, w) if rms else (x, r, w, b)
+        penalties = []
+        for out, total in ((y, s), (expected_y, x + r)):
+            loss = out.sum() + (total * total.detach()).sum()  # gradients that do not require grad
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            penalties.append(torch.autograd.grad(sum(g.square().sum() for g in grads), (x, r, w)))  # not b: constant
+        for a, e in zip(*penalties):
+            torch.testing.assert_close(a, e)
+
+
+def test_norm_fast_path_second_derivative_under_autocast_mixed_dtypes():
+    """A bf16 branch beside an fp32 residual (the kernel writes x's gradient in bf16): the recorded
+    backward gives x's gradient in bf16 too, and its second derivative that of the fp32 sum."""
+    norm_eager_cpu = _norm_eager_cpu()
+    x = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)
+    r, w, b = (torch.randn(*s, requires_grad=True) for s in ((5, 8), (8,), (8,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = norm_eager_cpu(x, r, (8,), w, b, 1e-5, False)
+    penalties = []
+    for out in (y, torch.nn.functional.layer_norm(x.float() + r, (8,), w, b, 1e-5)):
+        grads = torch.autograd.grad(out.sum(), (x, r, w), create_graph=True)
+        assert grads[0].dtype == torch.bfloat16
+        penalties.append(torch.autograd.grad(sum(g.float().square().sum() for g in grads), (x, r, w)))
+    for a, e in zip(*penalties):
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-2)
 
 
 def test_norm_fast_path_over_several_trailing_dims_matches_torch():

@@ -975,10 +975,18 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
-// A (B, H, T, D) input as the kernels read it: rows of D contiguous values at
-// any other strides, as it is when that holds, else a contiguous copy.
+// A (B, H, T, D) input as the kernels read it: rows of D contiguous values,
+// at least D apart (the GEMMs take the row stride as their leading dimension,
+// and BLAS and brgemm refuse one below D), at any batch and head strides (0
+// included). Inputs whose rows overlap (a key expanded along the sequence,
+// as_strided views: row stride 0 < D) are copied contiguous; a lone row gets
+// the stride D, which no element is read through.
 at::Tensor with_contiguous_rows(const at::Tensor& t) {
-  return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous();
+  const int64_t D = t.size(3);
+  if (D > 1 && t.stride(3) != 1) return t.contiguous();
+  if (t.size(2) > 1) return t.stride(2) >= D ? t : t.contiguous();
+  if (t.stride(2) >= D && t.stride(3) == 1) return t;
+  return t.as_strided(t.sizes(), {t.stride(0), t.stride(1), D, 1});
 }
 
 // Whether every row of a bf16 tensor starts on a pair (4 bytes): the bf16

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fasttx.nn._arguments import positive_int
 from fasttx.nn.recompute import autocast_operand
+from fasttx.ops._eager import under_transform
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.linear import linear
 
@@ -63,8 +64,10 @@ class _SplitHeads(torch.autograd.Function):
 
 def split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v (batch, heads, seq_len, head_dim) as views of qkv (batch, seq_len, 3 * d_model)."""
-    # Inductor plans the gradient's layout itself; torch.jit.trace would record the Function as a PythonOp.
-    if torch.compiler.is_compiling() or torch._C._is_tracing() or not (torch.is_grad_enabled() and qkv.requires_grad):
+    # Inductor plans the gradient's layout itself; torch.jit.trace would record the Function as a PythonOp;
+    # torch.func transforms and forward-mode AD need the views' own derivatives.
+    if (torch.compiler.is_compiling() or torch._C._is_tracing() or under_transform()
+            or not (torch.is_grad_enabled() and qkv.requires_grad)):
         return _heads(qkv, n_heads)
     return _SplitHeads.apply(qkv, n_heads)
 

@@ -18,9 +18,10 @@ or read by a recipe) that is modified in place after the forward raises in
 backward with autograd's own message, as it would without the hooks.
 
 Nothing is installed under torch.compile (its partitioner chooses what to
-recompute) or torch.jit.trace (a trace keeps no hooks), without grad mode, or
-when other saved-tensor hooks are active (torch.utils.checkpoint,
-save_on_cpu): ours would shadow them. A recipe
+recompute), torch.jit.trace (a trace keeps no hooks) or torch.func transforms
+(which refuse saved-tensor hooks), without grad mode, or when other
+saved-tensor hooks are active (torch.utils.checkpoint, save_on_cpu): ours
+would shadow them. A recipe
 registered under autocast replays under the same autocast settings.
 
 Under autocast, the lower-precision copies that a linear saves (of a weight,
@@ -37,6 +38,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
+
+from fasttx.ops._eager import under_transform
 
 
 # Autograd's own words, so that users and their tools recognise the error.
@@ -152,7 +155,7 @@ def recomputed_activations() -> Iterator[None]:
 
     Nested uses share the outer one's hooks.
     """
-    if (torch.compiler.is_compiling() or torch._C._is_tracing() or _CURRENT.get() is not None
+    if (torch.compiler.is_compiling() or torch._C._is_tracing() or under_transform() or _CURRENT.get() is not None
             or not torch.is_grad_enabled() or _other_hooks_active()):
         yield
         return

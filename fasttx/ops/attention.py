@@ -79,9 +79,9 @@ def _dropped(p, dropout_p, seed, offset):
     return p * keep / (1.0 - dropout_p)
 
 
-def _grouped(t, Hk):  # (B, Hq, T, X) -> (B, Hk, G * T, X)
+def _grouped(t, Hk):  # (B, Hq, T, X) -> (B, Hk, G * T, X); Hk = 0 only with Hq = 0
     B, Hq, T, X = t.shape
-    return t.reshape(B, Hk, Hq // Hk * T, X)
+    return t.reshape(B, Hk, Hq // Hk * T if Hk else 0, X)
 
 
 def _torch_forward(q, k, v, mask, is_causal, scale, dropout_p, seed, offset):
@@ -184,8 +184,10 @@ IMPLEMENTATIONS = (
 # ---- forward and backward on (B, H, T, D): the bodies of the custom ops ----------------
 # seed is a 0-d int64 tensor so that torch.compile traces the draw instead of baking one in.
 
-def _nothing_to_compute(q, k):
-    return q.numel() == 0 or k.shape[2] == 0
+def _nothing_to_compute(q, k, v):
+    """Zero-size problems (no batch, heads, queries, keys or head dim) never reach a kernel: the torch
+    backend gives torch's answer for them (empty, zeros, or for head dim 0 the mean of v), on any device."""
+    return q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
 
 def _output_in_bthd(q: Tensor) -> bool:
@@ -227,9 +229,10 @@ def _dropout_seed(device: torch.device) -> Tensor:
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
              dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v, mask)
-    if _nothing_to_compute(q, k):  # no kernel launch; the contract (zeros, lse +inf) still holds
+    if _nothing_to_compute(q, k, v):  # no kernel launch; the contract (zeros, lse +inf) still holds
         impl = IMPLEMENTATIONS[-1]
+    else:
+        impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v, mask)
     out, lse = impl.forward(q, k, v, mask, is_causal, scale, dropout_p, int(seed), 0)
     return _output_like(out, q), lse
 
@@ -239,9 +242,10 @@ def _backward_any_layout(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients as the backend lays them out: the CPU's for q, k, v split from one packed
     (B, T, 3, H, D) QKV tensor are the three parts of one such tensor (see split_heads)."""
-    impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v, mask)
-    if _nothing_to_compute(q, k):
+    if _nothing_to_compute(q, k, v):
         impl = IMPLEMENTATIONS[-1]
+    else:
+        impl = backends.choose(_OP, IMPLEMENTATIONS, backend, q, k, v, mask)
     return tuple(impl.backward(grad_out, q, k, v, out, lse, mask, is_causal, scale, dropout_p, int(seed), 0))
 
 
@@ -336,7 +340,7 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
     hq, hk = q.shape[-3], k.shape[-3]
     if enable_gqa:
-        if hq % hk:
+        if (hq % hk if hk else hq) != 0:
             raise ValueError(f"fasttx.{_OP}: with enable_gqa the number of query heads ({hq}, dim -3 of query "
                              f"{tuple(q.shape)}) must be a multiple of the key/value heads ({hk})")
     elif hk not in (hq, 1):
@@ -399,7 +403,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if mask.stride(-1) != 1 and tk > 1:
             mask = mask.contiguous()
         mask = mask.reshape(b, hq, tq, tk)  # a view unless several batch dims broadcast differently
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if scale is None:  # head dim 0: every score is an empty sum, 0 at any scale (torch: the mean of v)
+        scale = 1.0 / math.sqrt(d) if d else 1.0
+    scale = float(scale)
     drop = float(dropout_p)
     if drop >= 1.0:  # every probability dropped: zeros, still attached to the graph
         drop, zero_out = 0.0, True
