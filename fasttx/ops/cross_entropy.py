@@ -52,7 +52,10 @@ def _torch_backward(grad_rows, logits, target, lse, ignore_index):
     ignored = target == ignore_index
     grad = torch.exp(x - lse[:, None])
     grad.scatter_add_(1, target.masked_fill(ignored, 0)[:, None], -torch.ones_like(lse)[:, None])
-    return (grad * torch.where(ignored, 0.0, grad_rows)[:, None]).to(logits.dtype)
+    grad = grad * torch.where(ignored, 0.0, grad_rows)[:, None]
+    # An ignored row holding NaN or +inf is NaN, as torch's log_softmax backward makes it (0 * exp(NaN)).
+    poisoned = ignored & (lse.isnan() | lse.isposinf())
+    return grad.masked_fill(poisoned[:, None], float("nan")).to(logits.dtype)
 
 
 def _cpu_forward(*args):
