@@ -53,7 +53,10 @@ def _epilogue(acc, C, BIAS, PREACT, ACT, DBIAS_PARTIAL, tile, pid_m, col0, rows,
         z = tl.load(PREACT + tile + offs, mask=mask, other=0.0).to(tl.float32)
         y, dy = _act_and_grad(z, ACTIVATION, True)
         tl.store(ACT + tile + offs, y.to(ACT.dtype.element_ty), mask=mask)
-        acc = acc * dy
+        if ACTIVATION == "relu":
+            acc = tl.where(z > 0, acc, 0.0)  # a select, as torch's threshold_backward: 0 * NaN would leak
+        else:
+            acc = acc * dy
         if HAS_BIAS:
             # Rows past M hold 0 (their A rows loaded as 0), so they add nothing. Fixed-shape
             # tree sum of the unrounded fp32 tile: the same order every run.

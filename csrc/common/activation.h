@@ -14,7 +14,7 @@ enum class Activation : int64_t { kGelu = 0, kGeluTanh = 1, kRelu = 2 };
 
 namespace activation {
 
-// Math is gelu.h's policy (erf, exp, tanh) plus relu(z) and relu_grad(z), so
+// Math is gelu.h's policy (erf, exp, tanh) plus relu(z) and relu_backward(g, z), so
 // that T may be a scalar or a SIMD vector.
 template <typename Math, typename T>
 FASTTX_HOST_DEVICE T forward(T z, Activation act) {
@@ -25,13 +25,14 @@ FASTTX_HOST_DEVICE T forward(T z, Activation act) {
   }
 }
 
-// d act / dz. ReLU's derivative at 0 is taken as 0, as torch's threshold_backward does.
+// g * d act / dz. ReLU's is torch's threshold_backward, where(z > 0, g, 0): 0 at z = 0, and a NaN or inf
+// g stops at a unit that is off, where g * 0 would be NaN.
 template <typename Math, typename T>
-FASTTX_HOST_DEVICE T grad(T z, Activation act) {
+FASTTX_HOST_DEVICE T backward(T g, T z, Activation act) {
   switch (act) {
-    case Activation::kGeluTanh: return gelu::tanh_grad<Math>(z);
-    case Activation::kRelu: return Math::relu_grad(z);
-    default: return gelu::erf_grad<Math>(z);
+    case Activation::kGeluTanh: return g * gelu::tanh_grad<Math>(z);
+    case Activation::kRelu: return Math::relu_backward(g, z);
+    default: return g * gelu::erf_grad<Math>(z);
   }
 }
 

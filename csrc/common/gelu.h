@@ -100,11 +100,12 @@ struct ScalarMath {
   static FASTTX_HOST_DEVICE double erf(double x) { return ::erf(x); }
   static FASTTX_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static FASTTX_HOST_DEVICE double tanh(double x) { return ::tanh(x); }
-  // For activation.h. relu_grad(0) = 0, as torch's threshold_backward.
+  // For activation.h, as torch's relu and threshold_backward: relu(NaN) = NaN, and the gradient is
+  // selected, where(x > 0, g, 0), never multiplied (0 * NaN would leak an upstream NaN).
   template <typename T>
-  static FASTTX_HOST_DEVICE T relu(T x) { return x > T(0) ? x : T(0); }
+  static FASTTX_HOST_DEVICE T relu(T x) { return x > T(0) || x != x ? x : T(0); }
   template <typename T>
-  static FASTTX_HOST_DEVICE T relu_grad(T x) { return x > T(0) ? T(1) : T(0); }
+  static FASTTX_HOST_DEVICE T relu_backward(T g, T x) { return x > T(0) ? g : T(0); }
 };
 
 }  // namespace fasttx

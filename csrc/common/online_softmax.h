@@ -11,6 +11,11 @@
 // subtract the safe max (0 in place of -inf): the masked terms become
 // exp(-inf) = 0, the rescale factor of an empty row is exp(-inf - .) = 0, and
 // a row that stays fully masked ends with l = 0, out = 0 and lse = +inf.
+//
+// NaN is never dropped, as in PyTorch: a NaN score makes the max NaN (a plain
+// `a > b ? a : b` would keep the old max and treat the NaN as masked), so
+// the row's sum, lse and output are NaN. A +inf score gives exp(inf - inf) =
+// NaN in the same way.
 #pragma once
 
 #include <cmath>
@@ -41,6 +46,12 @@ FASTTX_HOST_DEVICE A online_softmax_safe_max(A m) {
   return m == -INFINITY ? A(0) : m;
 }
 
+// max(a, b), NaN if either is NaN.
+template <typename A>
+FASTTX_HOST_DEVICE A online_softmax_max(A a, A b) {
+  return a > b || a != a ? a : b;
+}
+
 // Raises the running max to include a block whose max is block_max (-inf if
 // the block is fully masked). Returns the factor exp(m_old - m_new) that the
 // caller multiplies its accumulator rows by; the running sum is rescaled here.
@@ -48,7 +59,7 @@ FASTTX_HOST_DEVICE A online_softmax_safe_max(A m) {
 // and their sum goes in with online_softmax_add.
 template <typename A>
 FASTTX_HOST_DEVICE A online_softmax_raise_max(OnlineSoftmax<A>& st, A block_max) {
-  const A new_max = block_max > st.max ? block_max : st.max;
+  const A new_max = online_softmax_max(block_max, st.max);
   // m_old = -inf: nothing summed yet, factor 0 (never exp(-inf + inf)).
   const A factor = online_softmax_exp(st.max - online_softmax_safe_max(new_max));
   st.max = new_max;
@@ -65,7 +76,7 @@ FASTTX_HOST_DEVICE void online_softmax_add(OnlineSoftmax<A>& st, A block_sum) {
 // *fa and *fb the factors that rescale the accumulators of a and b.
 template <typename A>
 FASTTX_HOST_DEVICE OnlineSoftmax<A> online_softmax_merge(OnlineSoftmax<A> a, OnlineSoftmax<A> b, A* fa, A* fb) {
-  const A m = a.max > b.max ? a.max : b.max;
+  const A m = online_softmax_max(a.max, b.max);
   const A safe = online_softmax_safe_max(m);
   *fa = online_softmax_exp(a.max - safe);
   *fb = online_softmax_exp(b.max - safe);
@@ -76,13 +87,14 @@ FASTTX_HOST_DEVICE OnlineSoftmax<A> online_softmax_merge(OnlineSoftmax<A> a, Onl
 // backward's exp(s_ij - lse_i) recomputes p_ij = 0 there.
 template <typename A>
 FASTTX_HOST_DEVICE A online_softmax_lse(OnlineSoftmax<A> st) {
-  return st.sum > A(0) ? online_softmax_safe_max(st.max) + online_softmax_log(st.sum) : A(INFINITY);
+  return st.sum == A(0) ? A(INFINITY) : online_softmax_safe_max(st.max) + online_softmax_log(st.sum);
 }
 
-// 1 / l, the factor of the finished accumulator: 0 for a fully masked row.
+// 1 / l, the factor of the finished accumulator: 0 for a fully masked row,
+// NaN for a NaN one.
 template <typename A>
 FASTTX_HOST_DEVICE A online_softmax_inv_sum(OnlineSoftmax<A> st) {
-  return st.sum > A(0) ? A(1) / st.sum : A(0);
+  return st.sum == A(0) ? A(0) : A(1) / st.sum;
 }
 
 }  // namespace fasttx

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -75,7 +76,11 @@ void cross_entropy_backward_kernel(const at::opmath_type<T>* grad_rows, const T*
       T* gr = grad_x + r * vocab;
       const int64_t t = target[r];
       if (t == ignore_index) {
-        std::fill(gr, gr + vocab, T(0));
+        // 0, except in a row holding NaN or +inf (its max + log_sum is NaN or +inf):
+        // torch's log_softmax backward gives 0 * exp(NaN) = NaN there, and so do we.
+        const A lse = row_max[r] + log_sum[r];
+        const bool poisoned = std::isnan(lse) || lse == std::numeric_limits<A>::infinity();
+        std::fill(gr, gr + vocab, poisoned ? std::numeric_limits<T>::quiet_NaN() : T(0));
         continue;
       }
       TORCH_CHECK(t >= 0 && t < vocab, "cross_entropy: target[", r, "] = ", t, " is not a class index in [0, ",

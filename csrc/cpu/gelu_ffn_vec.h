@@ -39,7 +39,7 @@ void act_grad_segment(T* grad, const T* preact, T* act, at::opmath_type<T>* part
   using Math = VecMath<typename IO::A>;
   IO::for_each_vector(act ? act : grad, len, [&](int64_t j, int64_t k) {
     const auto z = IO::load(preact + j, k);
-    const auto d = IO::load(grad + j, k) * activation::grad<Math>(z, activation);
+    const auto d = activation::backward<Math>(IO::load(grad + j, k), z, activation);
     IO::store(grad + j, d, k);
     if (act) IO::store(act + j, activation::forward<Math>(z, activation), k, stream);
     if (part) (IO::V::loadu(part + j, k) + d).store(part + j, k);

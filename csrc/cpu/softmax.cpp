@@ -49,16 +49,19 @@ void softmax_forward_kernel(const T* x, const at::opmath_type<T>* mask, const in
       }
       const A* m = mask ? mask + b * mask_strides[0] + h * mask_strides[1] + i * mask_strides[2] : nullptr;
       const A max = kern.scale_mask_max(in, m, A(scale), s, valid);
+      A sum = 0;
       if (max == -std::numeric_limits<A>::infinity()) {
         std::fill(s, s + valid, A(0));  // fully masked: 0, not NaN
       } else {
-        const A sum = kern.exp_sum(s, max, s, valid);
+        sum = kern.exp_sum(s, max, s, valid);
         kern.scale(s, A(1) / sum, valid);
       }
       if constexpr (kConvert) {
         for (int64_t j = 0; j < valid; ++j) yr[j] = T(s[j]);
       }
-      std::fill(yr + valid, yr + kv_len, T(0));
+      // Past the causal diagonal: 0, or NaN in a NaN row (a NaN or +inf score), as torch's softmax of
+      // the -inf-filled row gives exp(-inf - NaN) = NaN there.
+      std::fill(yr + valid, yr + kv_len, sum != sum ? std::numeric_limits<T>::quiet_NaN() : T(0));
     }
   });
 }

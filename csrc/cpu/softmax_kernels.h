@@ -21,9 +21,10 @@ namespace fasttx {
 template <typename A>
 struct SoftmaxRowKernels {
   // s[j] = scale * x[j] + mask[j] (mask may be null; s may be x); returns
-  // max_j s[j], -inf for n = 0.
+  // max_j s[j], -inf for n = 0, NaN if some s[j] is NaN.
   A (*scale_mask_max)(const A* x, const A* mask, A scale, A* s, int64_t n);
-  // s[j] = exp(x[j] - m) (s may be x); returns sum_j s[j]. exp(-inf) = 0.
+  // s[j] = exp(x[j] - m) (s may be x); returns sum_j s[j]. exp(-inf) = 0,
+  // exp(NaN) = NaN.
   A (*exp_sum)(const A* x, A m, A* s, int64_t n);
   // y[j] *= a.
   void (*scale)(A* y, A a, int64_t n);
@@ -40,7 +41,7 @@ A scale_mask_max(const A* x, const A* mask, A scale, A* s, int64_t n) {
   A m = -std::numeric_limits<A>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     s[j] = scale * x[j] + (mask ? mask[j] : A(0));
-    m = std::max(m, s[j]);
+    m = s[j] > m || s[j] != s[j] ? s[j] : m;  // NaN wins, as in at::vec::maximum (std::max would drop it)
   }
   return m;
 }

@@ -6,7 +6,9 @@
 // vec_exp below, 12 instructions; with AVX2 ATen's exp_u20 (20 ulp), the one
 // PyTorch's CPU flash attention uses. Sleef's 1-ulp exp costs about twice as
 // much, and the fp32 GEMMs around it round at the 1e-7..1e-6 level anyway. It returns exactly
-// 0 below log(FLT_MIN), so masked (-inf) scores drop out.
+// 0 below log(FLT_MIN), so masked (-inf) scores drop out, and NaN for NaN, so
+// that a NaN score (a NaN in q, k, the mask, or inf - inf) reaches the output
+// as it does in PyTorch instead of passing for a masked one.
 #pragma once
 
 #ifdef FASTTX_ISA
@@ -26,9 +28,10 @@ constexpr int64_t kW = Vf::size();
 // so r is exact to fp32), e^r by a degree-5 minimax polynomial on
 // |r| <= ln2 / 2: within 3e-7 relative. scalef applies 2^n with IEEE
 // rounding: x is clamped to +-138 (|n| <= 200) first, so x = -inf (a masked
-// score) gives exactly 0 and +inf gives +inf, never NaN.
+// score) gives exactly 0 and +inf gives +inf. min/max return their second
+// operand when either is NaN: x goes second, so NaN stays NaN at no cost.
 Vf vec_exp(Vf x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-138.0f)), _mm512_set1_ps(138.0f));
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(138.0f), _mm512_max_ps(_mm512_set1_ps(-138.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
@@ -42,7 +45,8 @@ Vf vec_exp(Vf x) {
   return _mm512_scalef_ps(p, n);
 }
 #else
-Vf vec_exp(Vf x) { return x.exp_u20(); }
+// exp_u20 clamps NaN to log(FLT_MAX): one compare and blend put it back.
+Vf vec_exp(Vf x) { return Vf::blendv(x.exp_u20(), x, x != x); }
 #endif
 
 float lane_max(Vf v) {

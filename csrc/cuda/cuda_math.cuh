@@ -14,11 +14,11 @@ struct CudaMath {
   static __device__ __forceinline__ double erf(double x) { return ::erf(x); }
   static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
   static __device__ __forceinline__ double tanh(double x) { return ::tanh(x); }
-  // ScalarMath's: relu_grad(0) = 0, as torch's threshold_backward.
+  // ScalarMath's: relu(NaN) = NaN, and the gradient selected as torch's threshold_backward.
   template <typename T>
-  static __device__ __forceinline__ T relu(T x) { return x > T(0) ? x : T(0); }
+  static __device__ __forceinline__ T relu(T x) { return x > T(0) || x != x ? x : T(0); }
   template <typename T>
-  static __device__ __forceinline__ T relu_grad(T x) { return x > T(0) ? T(1) : T(0); }
+  static __device__ __forceinline__ T relu_backward(T g, T x) { return x > T(0) ? g : T(0); }
 };
 
 }  // namespace fasttx

@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
     const Pack<T, VEC> in = load<T, VEC>(z + i * VEC);
     Pack<T, VEC> g = load<T, VEC>(grad + i * VEC);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g.v[k] = T(Acc(g.v[k]) * activation::grad<CudaMath>(Acc(in.v[k]), A));
+    for (int k = 0; k < VEC; ++k) g.v[k] = T(activation::backward<CudaMath>(Acc(g.v[k]), Acc(in.v[k]), A));
     store<T, VEC>(grad + i * VEC, g);
   }
 }

@@ -115,8 +115,12 @@ MaskView<A> typed_mask(const MaskInfo& m) {
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }  // SFU ex2, a few ulp
 __device__ __forceinline__ double fast_exp(double x) { return ::exp(x); }
-__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
+// max(a, b), NaN if either is NaN, as torch's softmax: fmaxf returns the other operand, so a NaN score
+// in a row whose other scores are -inf (causal row 0, a padded row) passed for a fully masked row: 0.
+template <typename A>
+__device__ __forceinline__ A max_of(A a, A b) {
+  return a > b || a != a ? a : b;
+}
 __device__ __forceinline__ float reciprocal(float x) { return __frcp_rn(x); }  // correctly rounded even under fast math
 __device__ __forceinline__ double reciprocal(double x) { return 1.0 / x; }
 // max + log(sum), sum >= 1: the log in fp64 for both (once per row).
@@ -342,7 +346,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, (row_kernel_min_blocks<acc_t<
 #pragma unroll
         for (int k = 0; k < VEC; ++k) pm = max_of(pm, s[t][k]);
       }
-      if (pm > m) {
+      if (pm > m || pm != pm) {  // a NaN max is kept (see max_of)
         l *= fast_exp(m - pm);  // m = -inf: l is 0 and stays 0
         m = pm;
       }

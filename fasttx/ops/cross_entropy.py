@@ -57,7 +57,11 @@ def _torch_backward(grad_rows, logits, target, row_max, log_sum, ignore_index):
     ignored = target == ignore_index
     grad = torch.exp((x - row_max[:, None]) - log_sum[:, None])
     grad.scatter_add_(1, target.masked_fill(ignored, 0)[:, None], -torch.ones_like(log_sum)[:, None])
-    return (grad * torch.where(ignored, 0.0, grad_rows)[:, None]).to(logits.dtype)
+    grad = grad * torch.where(ignored, 0.0, grad_rows)[:, None]
+    # An ignored row holding NaN or +inf is NaN, as torch's log_softmax backward makes it (0 * exp(NaN)).
+    lse = row_max + log_sum
+    poisoned = ignored & (lse.isnan() | lse.isposinf())
+    return grad.masked_fill(poisoned[:, None], float("nan")).to(logits.dtype)
 
 
 def _differentiable_backward(grad_rows, logits, target, ignore_index):

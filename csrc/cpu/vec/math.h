@@ -105,8 +105,9 @@ struct VecMath {
   }
   // at::vec::maximum propagates NaN, as torch.relu does.
   static V relu(V x) { return at::vec::maximum(x, V(A(0))); }
-  // A comparison gives all-ones lanes where it holds; & keeps 1.0 there.
-  static V relu_grad(V x) { return (x > V(A(0))) & V(A(1)); }
+  // A comparison gives all-ones lanes where it holds; & keeps g there and 0 elsewhere, NaN g included
+  // (torch's threshold_backward selects; g * 0 would be NaN).
+  static V relu_backward(V g, V x) { return g & (x > V(A(0))); }
 };
 
 }  // namespace FASTTX_ISA
