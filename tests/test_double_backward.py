@@ -7,6 +7,7 @@ registered torch.library op that modes and tracers take) and on each CPU backend
 torch.autograd.gradgradcheck in float64 and with a gradient penalty compared against PyTorch's own.
 """
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -231,6 +232,15 @@ def _module_cases(dtype=torch.float64):
         theirs = torch.nn.TransformerEncoderLayer(d, heads, hidden, 0.0, "gelu", batch_first=True,
                                                   norm_first=norm_first, **factory)
         cases[f"TransformerBlock_{'pre' if norm_first else 'post'}_ln"] = (*twin(ours, theirs), x)
+    for norm_first in (True, False):  # fasttx.patch's forward over torch's own layer
+        theirs = torch.nn.TransformerEncoderLayer(d, heads, hidden, 0.0, "gelu", batch_first=True,
+                                                  norm_first=norm_first, **factory)
+        ours = copy.deepcopy(theirs)
+        assert fasttx.patch(ours).replaced
+        cases[f"patched nn.TransformerEncoderLayer_{'pre' if norm_first else 'post'}_ln"] = (*twin(ours, theirs), x)
+    patched_norm = torch.nn.LayerNorm(d, **factory)
+    assert fasttx.patch(patched_norm).replaced
+    cases["patched nn.LayerNorm"] = (*twin(patched_norm, torch.nn.LayerNorm(d, **factory)), x)
     config = dict(vocab_size=7, block_size=5, n_layer=2, n_head=heads, d_model=d)
     gpt = GPT(GPTConfig(**config), **factory)
     eager = GPT(GPTConfig(**config, kernels="eager"), **factory)
