@@ -302,6 +302,12 @@ def _config(M, N):
     return _tile_config(max(16, triton.next_power_of_2(N)))
 
 
+# The backward is compiled with no FMA contraction: fused into g - mean(g), the product g = gy * w
+# would be exact there but rounded in sum(g), and the exact cancellations of N = 1 and of constant
+# rows would leave (gy*w - round(gy*w)) * rstd. Memory-bound: the unfused ops cost nothing.
+BWD_OPTIONS = dict(enable_fp_fusion=False)
+
+
 def _launch_args(cfg):
     return dict(LOOPED=cfg["LOOPED"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
 
@@ -359,7 +365,7 @@ def norm_backward(grad_y, grad_s, s, mean, rstd, weight, has_bias, rms):
         weight if weight is not None else s, grad_input,
         dw_partial if dw_partial is not None else dummy, db_partial if db_partial is not None else dummy,
         M, N, rows_per_prog, RMS=bool(rms), HAS_GRAD_S=grad_s is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=has_bias, **_launch_args(cfg))
+        HAS_BIAS=has_bias, **_launch_args(cfg), **BWD_OPTIONS)
     grad_weight = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     grad_bias = db_partial.sum(0).to(s.dtype) if has_bias else None  # weight's dtype is s's
     return grad_input, grad_weight, grad_bias

@@ -85,6 +85,19 @@ def test_build_token_file_round_trip(tmp_path):
     assert info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_token_cache_gets_the_umask_mode(tmp_path, umask):
+    """The token file and its sidecar get the mode any new file gets (mkstemp's 0600 once)."""
+    (tmp_path / "a.txt").write_text("some text\n")
+    old = os.umask(umask)
+    try:
+        out = build_token_file([tmp_path / "a.txt"], tmp_path / "tokens.bin")
+    finally:
+        os.umask(old)
+    for path in (out, tmp_path / "tokens.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
 def test_prepare_corpus_reuses_and_invalidates_cache(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -9,6 +9,12 @@
 #pragma once
 
 #ifdef FASTTX_ISA
+// Every product is rounded where the code writes it: contracted into an FMA
+// with a later add, g = dy * w would be exact in g - mean(g) but rounded in
+// mean(g), and an exact cancellation (N = 1, a constant row) would leave
+// (dy*w - round(dy*w)) * rstd. The explicit fmadd calls stay fused. Popped by
+// cpu/vec/isa_end.h; memory-bound, the unfused ops cost nothing measurable.
+#pragma GCC optimize("fp-contract=off")
 #include <cmath>
 #include <type_traits>
 
@@ -24,8 +30,12 @@ namespace {
 constexpr int64_t kVecChunk = 2048;  // elements per exact-moment chunk: 8 KB of opmath, in L1
 
 // Exact-ish moments of v[0, len): the chunk mean from a vector sum, then the
-// centred sum of squares about it (two passes over an L1-resident chunk).
-// Four accumulators hide the add latency; the tail lanes are masked.
+// centred sums about it (two passes over an L1-resident chunk). The float
+// lanes round the sum by a few ulps of the mean, which rstd amplifies; the
+// mean of the residuals d = v - mean corrects it, exactly on a constant chunk
+// (d is then one small multiple of an ulp, summed without rounding), where the
+// output must be exactly the bias. Four accumulators hide the add latency; the
+// tail lanes are masked.
 template <typename A>
 Welford<double> chunk_moments(const A* v, int64_t len) {
   using V = at::vec::Vectorized<A>;
@@ -36,25 +46,27 @@ Welford<double> chunk_moments(const A* v, int64_t len) {
     a0 += V::loadu(v + j); a1 += V::loadu(v + j + W); a2 += V::loadu(v + j + 2 * W); a3 += V::loadu(v + j + 3 * W);
   }
   for (; j < len; j += W) a0 += V::loadu(v + j, std::min(W, len - j));  // loadu(p, k) zero-fills
-  const double mean = lane_sum((a0 + a1) + (a2 + a3)) / double(len);
-  const V vm(static_cast<A>(mean));
-  V q0(0), q1(0), q2(0), q3(0);
+  const A rough = static_cast<A>(lane_sum((a0 + a1) + (a2 + a3)) / double(len));
+  const V vm(rough);
+  V q0(0), q1(0), q2(0), q3(0), e0(0), e1(0), e2(0), e3(0);
   j = 0;
   for (; j + 4 * W <= len; j += 4 * W) {
     V d0 = V::loadu(v + j) - vm, d1 = V::loadu(v + j + W) - vm;
     V d2 = V::loadu(v + j + 2 * W) - vm, d3 = V::loadu(v + j + 3 * W) - vm;
+    e0 += d0; e1 += d1; e2 += d2; e3 += d3;
     q0 = at::vec::fmadd(d0, d0, q0); q1 = at::vec::fmadd(d1, d1, q1);
     q2 = at::vec::fmadd(d2, d2, q2); q3 = at::vec::fmadd(d3, d3, q3);
   }
   for (; j < len; j += W) {
     const int64_t k = std::min(W, len - j);
     const V d = V::set(V(0), V::loadu(v + j, k) - vm, k);  // lanes past the row stay 0
+    e0 += d;
     q0 = at::vec::fmadd(d, d, q0);
   }
-  // The chunk mean was rounded to A; correct M2 for the offset (exact in double).
-  const double shift = double(static_cast<A>(mean)) - mean;
-  const double m2 = lane_sum((q0 + q1) + (q2 + q3)) - double(len) * shift * shift;
-  return {mean, std::max(m2, 0.0), double(len)};
+  // About mean = rough + sum(d) / len: M2 = sum(d^2) - sum(d)^2 / len.
+  const double sum_d = lane_sum((e0 + e1) + (e2 + e3));
+  const double m2 = lane_sum((q0 + q1) + (q2 + q3)) - sum_d * (sum_d / double(len));
+  return {double(rough) + sum_d / double(len), std::max(m2, 0.0), double(len)};
 }
 
 template <typename A>

@@ -68,6 +68,8 @@ constexpr int64_t kMaxParts = 512;
 
 __device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return ::rsqrt(v); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 template <typename A>
 struct Sums2 {
@@ -148,14 +150,20 @@ __device__ __forceinline__ void accumulate_stats(const Pack<T, VEC>& p, Welford<
     sum_sq += sq;
     return;
   }
-  const A mean = sum * A(1.0 / VEC);
-  A m2 = 0;
+  // The sum rounds (3c is inexact for most c), and rstd amplifies a mean off
+  // by an ulp; the residuals d = v - mean correct it, exactly on a constant
+  // pack (each d is then one small multiple of an ulp, summed exactly), where
+  // the output must be exactly the bias. M2 = sum(d^2) - sum(d)^2 / VEC.
+  const A rough = sum * A(1.0 / VEC);
+  A sum_d = 0, m2 = 0;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const A d = A(p.v[k]) - mean;
+    const A d = A(p.v[k]) - rough;
+    sum_d += d;
     m2 += d * d;
   }
-  w = welford_merge(w, Welford<A>{mean, m2, A(VEC)});
+  const A shift = sum_d * A(1.0 / VEC);
+  w = welford_merge(w, Welford<A>{rough + shift, max(m2 - sum_d * shift, A(0)), A(VEC)});
 }
 
 template <typename T>
@@ -306,13 +314,16 @@ __global__ void __launch_bounds__(kThreads, 1) norm_backward_input_kernel(const 
     const A mean = a.rms ? A(0) : a.mean[row];
     const A rstd = a.rstd[row];
 
-    // g and g * xhat of one pack, added into the row sums.
+    // g and g * xhat of one pack, added into the row sums. g = dy * w is
+    // rounded (mul_rn: never contracted) in the sums and in write_pack alike: an
+    // FMA in one place only breaks the exact cancellation g - mean(g) = 0 of
+    // N = 1 and constant rows, leaving (dy*w - round(dy*w)) * rstd.
     auto add_pack = [&](const P& dy, const P& sv, int64_t col, Sums2<A>& sums) {
       P w;
       if (a.weight != nullptr) w = load<T, VEC>(a.weight + col);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const A g = a.weight != nullptr ? A(dy.v[k]) * A(w.v[k]) : A(dy.v[k]);
+        const A g = a.weight != nullptr ? mul_rn(A(dy.v[k]), A(w.v[k])) : A(dy.v[k]);
         sums.a += g;
         sums.b += g * ((A(sv.v[k]) - mean) * rstd);
       }
@@ -323,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) norm_backward_input_kernel(const 
       if (a.grad_s != nullptr) gs = load<T, VEC>(a.grad_s + i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const A g = a.weight != nullptr ? A(dy.v[k]) * A(w.v[k]) : A(dy.v[k]);
+        const A g = a.weight != nullptr ? mul_rn(A(dy.v[k]), A(w.v[k])) : A(dy.v[k]);
         const A xhat = (A(sv.v[k]) - mean) * rstd;
         A v = (g - mean_g - xhat * mean_gx) * rstd;
         if (a.grad_s != nullptr) v += A(gs.v[k]);

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -67,8 +67,15 @@ def _sidecar(token_path: Path) -> Path:
 
 
 def _write_atomically(out_path: Path, write) -> None:
-    """Readers see either no file or a complete one, even if we are killed midway."""
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    """Readers see either no file or a complete one, even if we are killed midway. The temp file is
+    created with mode 0o666 (mkstemp's is 0o600), so the umask gives the cache any new file's mode."""
+    while True:
+        tmp = out_path.parent / f".{out_path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as out:
             write(out)
