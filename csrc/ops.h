@@ -103,7 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
 // (B, Hk, Tk, D), of one dtype; Hq is a multiple of Hk and q head h reads
 // k/v head h / (Hq / Hk) (grouped-query attention). The CUDA and Triton
 // kernels take them contiguous; the CPU ones read q, k, v, out and grad_out
-// through any strides whose last is 1 (views of a packed QKV projection).
+// through any strides whose last is 1 (views of a packed QKV projection),
+// and copy those whose rows overlap (row stride < D: expanded along the
+// sequence, as_strided windows), which no GEMM can take.
 //   s_ij = scale * q_i . k_j + mask_ij    (j > i is masked when is_causal: top-left aligned,
 //                                          torch's rule, also when Tq != Tk)
 //   p_ij = softmax_j(s_ij);  out_i = sum_j dropout(p_ij) v_j
@@ -111,7 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_
 // (B, Hq, Tq, Tk) with stride 1 in its last dim and any other strides,
 // 0 for broadcast dims (a key-padding mask (B, 1, 1, Tk) arrives expanded,
 // strides (Tk, 0, 0, 1)). -inf masks a score. A row whose scores are all
-// masked gives out_i = 0 (torch's rule), and its gradients are 0.
+// masked gives out_i = 0 (torch's rule), and its gradients are 0. NaN is
+// never dropped: a NaN score (or +inf, through inf - inf) makes its row's
+// out and lse NaN, as in torch. D, Hk >= 1: fasttx/ops/attention.py answers
+// zero-size problems without a kernel.
 // Dropout (dropout_p in [0, 1)) uses csrc/common/philox.h with
 // bh = b * Hq + h, row = i, col = j; threshold = floor(dropout_p * 2^32);
 // kept values are scaled by 1 / (1 - dropout_p). The backward regenerates it.
