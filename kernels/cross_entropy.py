@@ -71,6 +71,9 @@ def _ce_bwd_kernel(GRAD, X, TARGET, MAX, LOG_SUM, DX, V, ignore_index, BLOCK: tl
     g = tl.where(valid, g, float("nan"))  # a bad target poisons its row (the forward's loss is NaN too)
     m = tl.load(MAX + row)
     log_sum = tl.load(LOG_SUM + row)
+    # An ignored row is 0, or NaN where it holds NaN or +inf, as torch's log_softmax backward gives 0 * NaN.
+    lse = m + log_sum
+    ignored_fill = tl.where((lse != lse) | (lse == float("inf")), float("nan"), 0.0)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         ok = cols < V
@@ -78,7 +81,7 @@ def _ce_bwd_kernel(GRAD, X, TARGET, MAX, LOG_SUM, DX, V, ignore_index, BLOCK: tl
         x = tl.load(x_row + cols, mask=ok & live, other=float("-inf")).to(tl.float32)
         p = tl.exp((x - m) - log_sum)
         d = (p - tl.where(cols == t, 1.0, 0.0)) * g
-        d = tl.where(live, d, 0.0)
+        d = tl.where(live, d, ignored_fill)
         tl.store(dx_row + cols, d.to(DX.dtype.element_ty), mask=ok)
 
 

@@ -7,7 +7,7 @@
 //             (an fp32 ulp is 8 at 1e8), where m - x_n[target_n] cancels it;
 //   backward: grad_x = grad_rows[n] * (softmax(x_n) - onehot(target_n)) in
 //             logits' dtype, softmax = exp((x - m) - log_sum) from the
-//             forward's m and log_sum; 0 for an ignored row.
+//             forward's m and log_sum; 0 for an ignored row (NaN where it holds NaN or +inf).
 // fp32, fp16 and bf16 logits, all math in fp32 (fp64: the cpu and torch backends).
 //
 // V is an LM's vocabulary (GPT-2's 50257: 200 KB of fp32 per row), so a row
@@ -248,27 +248,30 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_bwd_kernel(const flo
     const float g = !live ? 0.0f : (t >= 0 && t < V ? grad_rows[row] : ce_nan());
     const float m = live ? row_max[row] : 0.0f;
     const float l = live ? log_sum[row] : 0.0f;
+    // An ignored row is 0, or NaN where it holds NaN or +inf, as torch's log_softmax backward gives 0 * NaN.
+    const float lse = row_max[row] + log_sum[row];
+    const float ignored_fill = (isnan(lse) || lse == INFINITY) ? ce_nan() : 0.0f;
 
     if constexpr (!VECTOR) {
 #pragma unroll 4
       for (int64_t c = tid; c < V; c += kCeThreads) {
-        gr[c] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[c]), c, t, m, l, g) : 0.0f);
+        gr[c] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[c]), c, t, m, l, g) : ignored_fill);
       }
     } else {
       int64_t head, packs;
       ce_split(xr, V, head, packs);
       const int64_t edge = ce_edge_col(tid, head, head + packs * VEC, V);
       if (edge >= 0) {
-        gr[edge] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[edge]), edge, t, m, l, g) : 0.0f);
+        gr[edge] = static_cast<T>(live ? ce_grad(static_cast<float>(xr[edge]), edge, t, m, l, g) : ignored_fill);
       }
       const T* xb = xr + head;
       T* gb = gr + head;
       if (!live) {
-        float zero[VEC];
+        float fill[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) zero[k] = 0.0f;
+        for (int k = 0; k < VEC; ++k) fill[k] = ignored_fill;
 #pragma unroll 4
-        for (int64_t p = tid; p < packs; p += kCeThreads) ce_store_pack(gb + p * VEC, zero);
+        for (int64_t p = tid; p < packs; p += kCeThreads) ce_store_pack(gb + p * VEC, fill);
         continue;
       }
 #pragma unroll 1

@@ -117,6 +117,21 @@ def test_bad_target_poisons_its_row_and_reads_nothing():
     assert torch.isnan(grad[0]).all() and torch.isnan(grad[2]).all() and torch.isfinite(grad[1]).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_ignored_row_holding_a_non_finite_logit_is_torchs(bad):
+    # torch's log_softmax backward gives an ignored row 0 * exp(NaN) = NaN where it holds NaN or +inf.
+    logits, _ = _inputs((3, 11), torch.float32)
+    logits[:, 5] = bad
+    target = torch.tensor([-100, 4, -100])
+    logits[2, 5] = 0.0  # a finite ignored row stays 0
+    x = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(x, target, reduction="sum").backward()
+    loss, row_max, log_sum = kernels.cross_entropy_forward(logits, target, -100)
+    grad = kernels.cross_entropy_backward(torch.ones(3), logits, target, row_max, log_sum, -100)
+    assert torch.equal(grad.isnan(), x.grad.isnan()) and torch.equal(grad.isinf(), x.grad.isinf())
+    assert (grad[2] == 0).all()
+
+
 def test_no_rows():
     logits = torch.empty(0, 5)
     target = torch.empty(0, dtype=torch.long)
