@@ -24,6 +24,7 @@ def _run(fn, x, target, grad, **kw):
 
 
 def check_against_reference(backend, x, target, reduction="mean", ignore_index=-100):
+    """fasttx.cross_entropy on ``backend`` against the float64 reference; returns (loss, grad)."""
     kw = dict(ignore_index=ignore_index, reduction=reduction)
     grad = torch.rand(x.shape[0] if reduction == "none" else (), dtype=torch.float64, device=x.device) + 0.5
     run = lambda fn, dt: _run(fn, x.to(dt), target, grad.to(dt), **kw)
@@ -32,6 +33,7 @@ def check_against_reference(backend, x, target, reduction="mean", ignore_index=-
     truth, torch_out = run(cross_entropy_ref, torch.float64), run(cross_entropy_ref, x.dtype)
     for name, o, t, p in zip(("loss", "grad"), got, truth, torch_out):
         assert_within_torch_error(o, t, p, factor=2 if name == "loss" else 3, what=f"{backend} {x.dtype} {name}")
+    return got
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import fasttx
-from fasttx.ops.cross_entropy import cross_entropy_ref
 
 from backend_params import device_backend_params, skip_unless_runnable
-from tolerance import assert_within_torch_error
+from test_cross_entropy import check_against_reference
 
 BACKENDS = device_backend_params()
 OFFSETS = [1e4, 1e6, 1e8, -1e8]
@@ -37,35 +36,17 @@ def _skip_unless_supported(device, backend, dtype, x):
         pytest.skip(f"the offset is past {dtype}'s range")
 
 
-def _run(fn, x, target, grad, **kw):
-    x = x.detach().requires_grad_()
-    loss = fn(x, target, **kw)
-    loss.backward(grad)
-    return loss.detach(), x.grad
-
-
-def _check(backend, x, target, reduction="mean", ignore_index=-100):
-    kw = dict(ignore_index=ignore_index, reduction=reduction)
-    grad = torch.rand(x.shape[0] if reduction == "none" else (), dtype=torch.float64, device=x.device) + 0.5
-    run = lambda fn, dt: _run(fn, x.to(dt), target, grad.to(dt), **kw)
-    with fasttx.use_backend(backend):
-        got = run(fasttx.cross_entropy, x.dtype)
-    truth, torch_out = run(cross_entropy_ref, torch.float64), run(cross_entropy_ref, x.dtype)
-    for name, o, t, p in zip(("loss", "grad"), got, truth, torch_out):
-        assert_within_torch_error(o, t, p, factor=2 if name == "loss" else 3, what=f"{backend} {x.dtype} {name}")
-    return got
-
-
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("offset", OFFSETS, ids=str)
 @pytest.mark.parametrize("kind", ["randn", "equal"])
 @pytest.mark.parametrize("vocab", VOCABS, ids=lambda v: f"V{v}")
 def test_shared_offset(device, backend, dtype, offset, kind, vocab):
+    skip_unless_runnable(device, backend)  # before any tensor goes to device
     x = _logits(kind, 5, vocab, offset, dtype, device, seed=vocab)
     _skip_unless_supported(device, backend, dtype, x)
     target = torch.tensor([0, vocab - 1, vocab // 2, -100, vocab // 3], device=device)
-    _check(backend, x, target, reduction="none")
+    check_against_reference(backend, x, target, reduction="none")
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -73,11 +54,12 @@ def test_shared_offset(device, backend, dtype, offset, kind, vocab):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignore_index", [-100, 3])
 def test_reductions_and_ignore_index_at_an_offset(device, backend, dtype, reduction, ignore_index):
+    skip_unless_runnable(device, backend)  # before any tensor goes to device
     x = _logits("randn", 9, 101, 1e4, dtype, device, seed=ignore_index + 200)
     _skip_unless_supported(device, backend, dtype, x)
     target = torch.tensor([3, 7, -100, 100, 0, 3, 50, 3, 99], device=device)
     target[target == -100] = ignore_index
-    _check(backend, x, target, reduction=reduction, ignore_index=ignore_index)
+    check_against_reference(backend, x, target, reduction=reduction, ignore_index=ignore_index)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -103,4 +85,4 @@ def test_offset_error_is_torchs(device, backend):
     torch.manual_seed(0)
     x = (torch.randn(64, 3001, dtype=torch.float64) + 1e4).float().to(device)
     target = torch.randint(0, 3001, (64,), device=device)
-    _check(backend, x, target, reduction="none")
+    check_against_reference(backend, x, target, reduction="none")

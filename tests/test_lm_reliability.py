@@ -25,21 +25,13 @@ from fasttx.lm.generate import generate_text, load_model
 from fasttx.lm.train import TrainConfig, TrainingDiverged, make_optimizer, train
 from fasttx.models.gpt import GPT, GPTConfig
 
+from test_lm_train import corpus  # noqa: F401 (a fixture: the same tiny text corpus)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, d_model=32, n_head=2, block_size=32, batch_size=4)
 TINY_FLAGS = ["--n-layer", "2", "--d-model", "32", "--n-head", "2", "--block-size", "32", "--threads", "1",
               "--device", "cpu", "--eval-batches", "2", "--warmup", "5", "--eval-every", "0", "--batch-size", "4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog def return import class self if else for in".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(600)]
-    (folder / "text.txt").write_text("\n".join(lines))
-    return {"data": [str(folder / "text.txt")], "cache_dir": str(folder / "cache")}
 
 
 def tiny(corpus, out, **overrides) -> TrainConfig:

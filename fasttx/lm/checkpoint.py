@@ -45,12 +45,12 @@ import math
 import os
 import pickle
 import re
-import secrets
 import warnings
 from pathlib import Path
 
 import torch
 
+from fasttx.lm.data import open_temp_beside
 from fasttx.models.gpt import GPT, GPTConfig
 
 FORMAT = "fasttx.lm.checkpoint"
@@ -116,13 +116,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
-        while True:
-            tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                break
-            except FileExistsError:
-                continue
+        tmp, fd = open_temp_beside(path)
     except OSError as err:
         raise write_error(err, path) from None
     try:

@@ -66,16 +66,20 @@ def _sidecar(token_path: Path) -> Path:
     return token_path.with_suffix(".json")
 
 
-def _write_atomically(out_path: Path, write) -> None:
-    """Readers see either no file or a complete one, even if we are killed midway. The temp file is
-    created with mode 0o666 (mkstemp's is 0o600), so the umask gives the cache any new file's mode."""
+def open_temp_beside(path: Path) -> tuple[Path, int]:
+    """A new file .<name>.<random>.tmp next to path, opened for writing: (its path, its descriptor).
+    Mode 0o666 (mkstemp's is 0o600), so the umask gives the renamed file any new file's mode."""
     while True:
-        tmp = out_path.parent / f".{out_path.name}.{secrets.token_hex(8)}.tmp"
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
+
+
+def _write_atomically(out_path: Path, write) -> None:
+    """Readers see either no file or a complete one, even if we are killed midway."""
+    tmp, fd = open_temp_beside(out_path)
     try:
         with os.fdopen(fd, "wb") as out:
             write(out)
