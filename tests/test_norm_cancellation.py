@@ -130,3 +130,13 @@ def test_triton_backward_is_compiled_without_fma_contraction():
 
     assert "fma.rn.f32" in ptx(enable_fp_fusion=True), "the check no longer sees contraction: revisit it"
     assert "fma.rn.f32" not in ptx(**kernels.BWD_OPTIONS)
+
+
+def test_normalized_size_one_default_path():
+    """The same through the default dispatch (the eager C++ path of csrc/cpu/layer_norm_eager.cpp)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, requires_grad=True)
+    w, b = torch.randn(1), torch.randn(1)
+    y = fasttx.layer_norm(x, (1,), w, b, 1e-5)
+    y.backward(torch.randn_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x))

@@ -26,13 +26,6 @@
 #include "cpu/layer_norm_kernels.h"
 #include "ops.h"
 
-// As in layer_norm_vec.h: a product rounded in one sum and fused into an FMA
-// in another breaks exact cancellations (x86-64's baseline has no FMA, but
-// other targets contract by default).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
 namespace fasttx {
 namespace {
 

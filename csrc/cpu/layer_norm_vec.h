@@ -9,12 +9,6 @@
 #pragma once
 
 #ifdef FASTTX_ISA
-// Every product is rounded where the code writes it: contracted into an FMA
-// with a later add, g = dy * w would be exact in g - mean(g) but rounded in
-// mean(g), and an exact cancellation (N = 1, a constant row) would leave
-// (dy*w - round(dy*w)) * rstd. The explicit fmadd calls stay fused. Popped by
-// cpu/vec/isa_end.h; memory-bound, the unfused ops cost nothing measurable.
-#pragma GCC optimize("fp-contract=off")
 #include <cmath>
 #include <type_traits>
 
@@ -85,6 +79,24 @@ double chunk_sum_squares(const A* v, int64_t len) {
     q0 = at::vec::fmadd(d, d, q0);
   }
   return lane_sum((q0 + q1) + (q2 + q3));
+}
+
+// v exactly as rounded: the compiler cannot see through the empty asm, so it
+// cannot fuse the product that made v into a later add. Contracted, g = dy * w
+// is rounded in mean(g) but exact in g - mean(g), and the exact cancellations
+// (N = 1, constant g) leave (dy*w - round(dy*w)) * rstd. (#pragma GCC optimize
+// ("fp-contract=off") does not reach the lambdas of templates.) Free: no code.
+template <typename V>
+inline V rounded(V v) {
+  constexpr bool kFloat = std::is_same_v<V, at::vec::Vectorized<float>>;
+#if defined(FASTTX_ISA_AVX512)
+  std::conditional_t<kFloat, __m512, __m512d> r = v;
+  asm("" : "+v"(r));
+#else
+  std::conditional_t<kFloat, __m256, __m256d> r = v;
+  asm("" : "+x"(r));
+#endif
+  return V(r);
 }
 
 // Asks for the next row while this one's statistics and normalization run
@@ -187,7 +199,7 @@ struct VecRows {
       IO::for_each_vector(gx + off, n, [&](int64_t j, int64_t k) {
         const V dy = Io<TG>::load(gy + off + j, k);
         const V xhat = (IO::load(s + off + j, k) - mu) * rs;
-        const V g = w ? dy * IO::load(w + j, k) : dy;
+        const V g = w ? rounded(dy * IO::load(w + j, k)) : dy;
         sum_g += g;  // tail lanes load as 0, so they add nothing
         sum_gx = at::vec::fmadd(g, xhat, sum_gx);
         if (dw) at::vec::fmadd(dy, xhat, V::loadu(dw + j, k)).store(dw + j, k);
@@ -197,7 +209,7 @@ struct VecRows {
       IO::for_each_vector(gx + off, n, [&](int64_t j, int64_t k) {
         const V dy = Io<TG>::load(gy + off + j, k);
         const V xhat = (IO::load(s + off + j, k) - mu) * rs;
-        const V g = w ? dy * IO::load(w + j, k) : dy;
+        const V g = w ? rounded(dy * IO::load(w + j, k)) : dy;
         V o = (g - mean_g - xhat * mean_gx) * rs;
         if (gs) o = o + IO::load(gs + off + j, k);
         IO::store(gx + off + j, o, k, stream);
