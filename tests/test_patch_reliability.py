@@ -289,6 +289,24 @@ def test_hooks_that_change_values_change_them_as_unpatched():
     _assert_same_run(_run(patched), _run(plain), rtol=1e-5, atol=2e-5)
 
 
+def test_parametrizations_and_functional_call_reach_the_fused_code():
+    """What swaps a submodule's weights without a hook (parametrize, torch.func.functional_call) is read by
+    the fused code, which takes the weights from the submodules at each call."""
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    plain, patched = _plain_and_patched("encoder", layers=1)
+    params = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in plain.named_parameters()}
+    x = torch.randn(2, 7, D_MODEL)
+    torch.testing.assert_close(torch.func.functional_call(patched, params, (x,)),
+                               torch.func.functional_call(plain, params, (x,)), rtol=1e-5, atol=2e-5)
+    for model in (plain, patched):
+        torch.nn.utils.parametrize.register_parametrization(model.layers[0].linear1, "weight", Double())
+        torch.nn.utils.parametrize.register_parametrization(model.layers[0].norm2, "weight", Double())
+    _assert_same_run(_run(patched), _run(plain), rtol=1e-5, atol=2e-5)
+
+
 def test_global_module_hooks_fire_as_unpatched():
     plain, patched = _plain_and_patched("encoder")
     names = {}
