@@ -17,13 +17,14 @@ import fasttx
 from backend_params import device_backend_params, skip_unless_runnable
 from tolerance import assert_within_torch_error
 
-# float32 is open (not strict: it fails for some seeds and shapes only): the torch backend recomputes
+# float32 is open: the 2x / 3x rule fails for some seeds and shapes. The torch backend recomputes
 # P = exp(S - lse) from a float32 lse (ulp 1.5e-5 at 200), off by up to 5x torch's error; the cpu
 # kernel's forward sums S = q . k as one FMA chain (block_gemm), off by up to 10x on a 3x6 causal
 # sample. Summing D_i = sum_j P_ij dP_ij in the cpu backward instead of dO_i . O_i made it worse
-# (P carries the lse rounding).
-DTYPES = [pytest.param(torch.float32, marks=pytest.mark.xfail(strict=False, reason="open: see above")),
-          torch.bfloat16, torch.float16]
+# (P carries the lse rounding). Until that is fixed float32 is held to the worst factor seen (16x),
+# rounded up, so the test still fails on anything worse instead of being an xfail that cannot fail.
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OPEN_FLOAT32_FACTOR = 20
 # (B, H, Tq, Tk, D): OpInfo's tiny shapes, rows in one key block, and rows over several blocks.
 SHAPES = [(4, 4, 3, 6, 8), (2, 3, 17, 33, 8), (1, 2, 40, 300, 16)]
 
@@ -54,5 +55,6 @@ def test_large_scores(device, backend, dtype, is_causal, shape, seed):
     truth = _run(F.scaled_dot_product_attention, q, k, v, grad_out, torch.float64, is_causal=is_causal)
     ref = _run(F.scaled_dot_product_attention, q, k, v, grad_out, is_causal=is_causal)
     for name, g, t, r in zip(("output", "grad q", "grad k", "grad v"), got, truth, ref):
-        assert_within_torch_error(g, t, r, factor=2 if name == "output" else 3,
+        factor = OPEN_FLOAT32_FACTOR if dtype == torch.float32 else 2 if name == "output" else 3
+        assert_within_torch_error(g, t, r, factor=factor,
                                   what=f"{backend} {dtype} {shape} causal={is_causal} {name}")
