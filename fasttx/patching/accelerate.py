@@ -80,6 +80,9 @@ def _no_kernel_reason(device_type: str, dtype: torch.dtype) -> Optional[str]:
     return f"fasttx has no kernel for {device_type} tensors"
 
 
+_STRIDED = torch.strided
+
+
 def _why_not_tensors(*tensors) -> Optional[str]:
     """None when every argument is None or a plain dense floating tensor on a device fasttx's kernels
     serve (the first tensor's device and dtype decide; the op's checks judge mismatches)."""
@@ -89,7 +92,7 @@ def _why_not_tensors(*tensors) -> Optional[str]:
             continue
         if type(t) not in PLAIN_TENSOR_TYPES:
             return f"a {type(t).__name__} argument (only plain tensors and parameters are routed)"
-        if t.layout != torch.strided or t.is_nested:
+        if t.layout is not _STRIDED or t.is_nested:
             return "a nested or non-strided tensor"
         if first is None:
             first = t
@@ -97,7 +100,7 @@ def _why_not_tensors(*tensors) -> Optional[str]:
         return "no tensor argument"
     if not first.is_floating_point():
         return f"a {first.dtype} input"
-    device = first.device.type
+    device = "cpu" if first.is_cpu else "cuda" if first.is_cuda else first.device.type
     if device not in _KERNEL_DEVICES:
         return f"fasttx has no kernel for {device} tensors"
     if backends.requested_backend() != backends.AUTO:
@@ -225,8 +228,11 @@ class accelerate(TorchFunctionMode):  # noqa: N801  (a context manager used like
         name, router = route
         kwargs = kwargs or {}
         try:
-            result = _call_without_accelerate(router, args, kwargs)
-        except _FALLBACK_ERRORS as err:
+            if torch._C._len_torch_function_stack():  # inside another context: see _call_without_accelerate
+                result = _call_without_accelerate(router, args, kwargs)
+            else:
+                result = router(*args, **kwargs)
+        except _FALLBACK_ERRORS as err:  # fasttx's checks refused it (or torch's signature did): torch judges
             result = f"fasttx refused it ({type(err).__name__}: {err})"
         if type(result) is not str:
             self.routed[name] += 1
@@ -271,7 +277,7 @@ def _call_without_accelerate(router: Callable, args: tuple, kwargs: dict):
     sees fasttx's calls, and the ops then take their registered path. Arguments outside torch's
     signature raise TypeError here, and torch's own call then says what is wrong."""
     depth = torch._C._len_torch_function_stack()
-    if depth == 0 or not all(isinstance(torch._C._get_function_stack_at(i), accelerate) for i in range(depth)):
+    if not all(isinstance(torch._C._get_function_stack_at(i), accelerate) for i in range(depth)):
         return router(*args, **kwargs)
     popped = [torch._C._pop_torch_function_stack() for _ in range(depth)]
     try:
