@@ -17,10 +17,13 @@ alternating which goes first; the ratio is per round (plain / accelerated),
 reported as median [q20-q80]. Modes: fp32, and bf16 autocast
 (``torch.autocast("cpu", dtype=torch.bfloat16)``, fp32 weights and optimizer).
 ``--compile`` adds ``torch.compile`` of the plain model to the interleave.
+``--model-file path/to/nanoGPT/model.py`` runs nanoGPT's own model.py instead,
+unmodified (its ``GPT`` and ``GPTConfig``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -169,11 +172,20 @@ def _stepper(model, idx, targets, autocast: bool, context=None):
     return step_inside
 
 
-def measure(threads: int, autocast: bool, rounds: int, config: GPTConfig, batch: int, compile_plain: bool) -> dict:
+def load_model_file(path: str):
+    """(GPT, GPTConfig) of a nanoGPT-style model.py, imported as it is."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.GPT, module.GPTConfig
+
+
+def measure(threads: int, autocast: bool, rounds: int, config, batch: int, compile_plain: bool,
+            model_class=GPT) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    plain = GPT(config)
-    accelerated = GPT(config)
+    plain = model_class(config)
+    accelerated = model_class(config)
     accelerated.load_state_dict(plain.state_dict())
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
@@ -182,7 +194,7 @@ def measure(threads: int, autocast: bool, rounds: int, config: GPTConfig, batch:
     steps = {"torch": _stepper(plain, idx, targets, autocast), "accelerate": _stepper(accelerated, idx, targets,
                                                                                        autocast, acc)}
     if compile_plain:
-        compiled = GPT(config)
+        compiled = model_class(config)
         compiled.load_state_dict(plain.state_dict())
         steps["compile"] = _stepper(torch.compile(compiled), idx, targets, autocast)
     for step in steps.values():  # warm-up: first-call allocations, optimizer state, compilation
@@ -257,23 +269,25 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the plain model")
     parser.add_argument("--overhead", action="store_true", help="only measure the per-call overhead")
+    parser.add_argument("--model-file", help="a nanoGPT model.py to time instead of this file's model")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    model, flags = info._cpu_model_and_flags()
-    print(f"machine: {model} ({os.cpu_count()} CPUs; {' '.join(flags) or 'no listed flags'}); torch {torch.__version__}")
+    cpu, flags = info._cpu_model_and_flags()
+    print(f"machine: {cpu} ({os.cpu_count()} CPUs; {' '.join(flags) or 'no flags listed'}); torch {torch.__version__}")
     print(f"allocator: {allocator.current()} ({allocator.WHY})")
     if args.overhead:
         for name, us in overhead().items():
             print(f"  {name:32s} {us:6.2f} µs per call (1 thread, median)")
         return
-    config = GPTConfig(block_size=args.seq, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
-                       n_embd=args.d)
-    print(f"model: {config}, batch {args.batch}")
+    model_class, config_class = load_model_file(args.model_file) if args.model_file else (GPT, GPTConfig)
+    config = config_class(block_size=args.seq, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
+                          n_embd=args.d, dropout=0.0, bias=True)
+    print(f"model: {args.model_file or 'bench/accelerate_nanogpt.py'}: {config}, batch {args.batch}")
     modes = {"fp32": (False,), "bf16": (True,), "both": (False, True)}[args.dtype]
     rows = []
     for threads in args.threads or [2]:
         for autocast in modes:
-            row = measure(threads, autocast, args.rounds, config, args.batch, args.compile)
+            row = measure(threads, autocast, args.rounds, config, args.batch, args.compile, model_class)
             rows.append(row)
             if len(rows) == 1:
                 print(row["routed"])
