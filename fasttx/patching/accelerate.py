@@ -30,7 +30,11 @@ left to torch, which fasttx has no faster plain kernel for), the structure of
 modules (a residual add before a norm stays an add), and code under
 ``torch.compile``: there the compiler traces the calls itself and they pass
 through. ``torch.nn`` modules that call the functions above (``nn.LayerNorm``,
-``nn.RMSNorm``, ``nn.Linear``, ``nn.CrossEntropyLoss``) are seen through those calls.
+``nn.RMSNorm``, ``nn.Linear``, ``nn.CrossEntropyLoss``) are seen through those calls,
+but not calls made inside a function the mode passes on (torch runs it with
+the mode off: the attention inside ``F.multi_head_attention_forward``), and
+torch's fused inference path of ``nn.TransformerEncoderLayer`` is off inside
+the block, as under any TorchFunctionMode.
 
 Inside ``__torch_function__`` torch pops the mode, so fasttx's own calls do not
 come back to it and its ops keep their eager fast path (fasttx/ops/_eager.py);
