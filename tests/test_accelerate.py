@@ -328,3 +328,17 @@ def test_nanogpt_structure_trains_the_same(autocast):
     tol = 2e-2 if autocast else 1e-5
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=tol, atol=tol)
     assert losses[0][-1] < losses[0][0]  # it trains
+
+
+def test_under_another_function_mode():
+    """A mode of another kind below (torch.device is one) stays on and sees fasttx's calls; the op then
+    takes its registered path and still gives torch's answer."""
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+    want = F.layer_norm(x, (8,), w)
+    with torch.device("cpu"), fasttx.accelerate() as acc:
+        assert _stack_depth() == 2
+        got = F.layer_norm(x, (8,), w)
+        got.sum().backward()
+    assert acc.routed["layer_norm"] == 1 and _stack_depth() == 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(w.grad, torch.autograd.grad(want.sum(), w)[0])
