@@ -228,6 +228,7 @@ def test_errors_are_torchs():
             call()
         assert type(inside.value) is type(outside.value) and str(inside.value) == str(outside.value), case
         assert sum(acc.routed.values()) == 0 and sum(acc.passed.values()) == seen, (case, acc.report())
+        assert not seen or "fasttx refused it" in acc.report(), (case, acc.report())
 
 
 # ---- the context itself: options, nesting, exceptions, decorator, report --------------------
@@ -342,3 +343,22 @@ def test_under_another_function_mode():
     assert acc.routed["layer_norm"] == 1 and _stack_depth() == 0
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(w.grad, torch.autograd.grad(want.sum(), w)[0])
+
+
+def test_without_a_kernel_here_calls_pass_through(monkeypatch):
+    """Where only fasttx's torch reference could serve (no extension, no GPU), torch's own function is
+    the faster one: the call passes, and says why. A backend the user forces is still honoured."""
+    x = torch.randn(4, 8)
+    no_kernels = {"cpu": "not built", "cuda": "not built", "triton": "not installed", "torch": None}
+    accelerate_module._no_kernel_reason.cache_clear()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(backends, "machine_reasons", lambda: dict(no_kernels))
+            with fasttx.accelerate() as acc:
+                F.layer_norm(x, (8,))
+            with fasttx.use_backend("torch"), fasttx.accelerate() as forced:
+                F.layer_norm(x, (8,))
+    finally:
+        accelerate_module._no_kernel_reason.cache_clear()
+    assert acc.passed["layer_norm"] == 1 and "no fasttx CPU kernel on this machine (not built)" in acc.report()
+    assert forced.routed["layer_norm"] == 1
