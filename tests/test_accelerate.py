@@ -243,6 +243,11 @@ def test_ops_option():
         assert dict(acc.routed) == {"cross_entropy": 1} and not acc.passed
     with pytest.raises(ValueError, match="ops must name"):
         fasttx.accelerate(ops=["gelu"])
+    assert fasttx.accelerate(F.rms_norm).ops == ("rms_norm",)
+    with pytest.raises(TypeError, match="with the parentheses"):
+        @fasttx.accelerate
+        def forgot(x):
+            return x
     assert fasttx.accelerate().ops == tuple(accelerate_module.ROUTES)
 
 

@@ -180,9 +180,13 @@ ROUTES: dict[str, tuple[Callable, Callable]] = {
 def _names(ops) -> tuple:
     if ops is None:
         return tuple(ROUTES)
-    if isinstance(ops, str):
-        ops = (ops,)
     by_function = {fn: name for name, (fn, _) in ROUTES.items()}
+    if isinstance(ops, str) or (callable(ops) and ops in by_function):
+        ops = (ops,)
+    elif callable(ops):
+        raise TypeError(f"fasttx.accelerate: ops must be names or torch.nn.functional functions, got the function "
+                        f"{getattr(ops, '__name__', ops)!r}; as a decorator write @fasttx.accelerate(), with the "
+                        "parentheses")
     names = []
     for op in ops:
         name = by_function.get(op, op)
