@@ -17,6 +17,7 @@ alternating which goes first; the ratio is per round (plain / accelerated),
 reported as median [q20-q80]. Modes: fp32, and bf16 autocast
 (``torch.autocast("cpu", dtype=torch.bfloat16)``, fp32 weights and optimizer).
 ``--compile`` adds ``torch.compile`` of the plain model to the interleave.
+``--ops layer_norm,cross_entropy`` routes only those (to see what each brings).
 ``--model-file path/to/nanoGPT/model.py`` runs nanoGPT's own model.py instead,
 unmodified (its ``GPT`` and ``GPTConfig``).
 """
@@ -182,7 +183,7 @@ def load_model_file(path: str):
 
 
 def measure(threads: int, autocast: bool, rounds: int, config, batch: int, compile_plain: bool,
-            model_class=GPT) -> dict:
+            model_class=GPT, ops=None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     plain = model_class(config)
@@ -191,7 +192,7 @@ def measure(threads: int, autocast: bool, rounds: int, config, batch: int, compi
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
     targets = torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
-    acc = fasttx.accelerate()
+    acc = fasttx.accelerate(ops)
     steps = {"torch": _stepper(plain, idx, targets, autocast), "accelerate": _stepper(accelerated, idx, targets,
                                                                                        autocast, acc)}
     if compile_plain:
@@ -280,6 +281,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the plain model")
     parser.add_argument("--overhead", action="store_true", help="only measure the per-call overhead")
     parser.add_argument("--model-file", help="a nanoGPT model.py to time instead of this file's model")
+    parser.add_argument("--ops", help="comma-separated functions to route (fasttx.accelerate's ops); default all")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     cpu, flags = info._cpu_model_and_flags()
@@ -297,7 +299,8 @@ def main(argv=None) -> None:
     rows = []
     for threads in args.threads or [2]:
         for autocast in modes:
-            row = measure(threads, autocast, args.rounds, config, args.batch, args.compile, model_class)
+            ops = args.ops.split(",") if args.ops else None
+            row = measure(threads, autocast, args.rounds, config, args.batch, args.compile, model_class, ops)
             rows.append(row)
             if len(rows) == 1:
                 print(row["routed"])
