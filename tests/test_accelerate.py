@@ -1,4 +1,6 @@
 """fasttx.accelerate(): routed calls give torch's answers on fasttx's ops; everything else is torch's own."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,8 +98,8 @@ def test_routed_call_gives_torchs_answer(case, dtype, device):
 
 def _in_double(fn):
     if isinstance(fn, torch.nn.Module):
-        import copy
         return copy.deepcopy(fn).double()
+
     def run(*inputs):
         return fn(*inputs).double()
     return run
