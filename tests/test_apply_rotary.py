@@ -404,3 +404,52 @@ def test_backward_keeps_only_the_tables():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fasttx.apply_rotary(q, k, cos, sin)
     assert all(t.data_ptr() not in (q.data_ptr(), k.data_ptr()) for t in saved) and len(saved) == 2
+
+
+# ---- fasttx.nn.RotaryEmbedding -------------------------------------------------------
+
+ROPE_PARAMETERS = [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+]
+
+
+@pytest.mark.parametrize("rope", ROPE_PARAMETERS, ids=lambda r: r["rope_type"])
+def test_rotary_embedding_matches_transformers(rope):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=dict(rope),
+                         max_position_embeddings=131072)
+    theirs = LlamaRotaryEmbedding(config)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
+    ours = fasttx.nn.RotaryEmbedding(128, base=rope["rope_theta"], scaling=scaling)
+    assert torch.equal(ours.inv_freq, theirs.inv_freq)
+    assert ours.state_dict().keys() == theirs.state_dict().keys() == set()  # inv_freq is not persistent
+    torch.manual_seed(0)
+    pos = torch.randint(0, 100000, (2, 7))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 7, 8, dtype=dtype)
+        for a, b in zip(ours(x, pos), theirs(x, pos)):
+            assert a.dtype == dtype and torch.equal(a, b)
+    # End to end: the module's tables through fasttx.apply_rotary, against transformers' whole path.
+    q, k = torch.randn(2, 2, 7, 128), torch.randn(2, 1, 7, 128)
+    cos, sin = ours(q, pos)
+    for a, b in zip(fasttx.apply_rotary(q, k, cos, sin), hf_apply_rotary(q, k, *theirs(q, pos))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"dim": 7}, ValueError, "dim must be even"),
+    ({"dim": 0}, ValueError, r"dim must be positive \(an int >= 1\), got 0"),
+    ({"dim": 8, "base": -1.0}, ValueError, "base must be a finite number > 0, got -1.0"),
+    ({"dim": 8, "scaling": {"rope_type": "yarn"}}, ValueError, r"rope_type'\] must be 'default', 'linear' or 'llama3'"),
+    ({"dim": 8, "scaling": {"rope_type": "linear"}}, ValueError, r"scaling\['factor'\] must be a finite number > 0"),
+    ({"dim": 8, "scaling": {"rope_type": "llama3", "factor": 8.0}}, ValueError, "llama3 scaling needs"),
+    ({"dim": 8, "scaling": 2.0}, TypeError, "scaling must be None or a dict, got float"),
+], ids=["odd", "zero", "base", "yarn", "no-factor", "llama3-keys", "not-dict"])
+def test_rotary_embedding_bad_arguments_are_named(kwargs, error, message):
+    with pytest.raises(error, match=f"fasttx.nn.RotaryEmbedding: .*{message}"):
+        fasttx.nn.RotaryEmbedding(**kwargs)
