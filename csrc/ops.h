@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::
                                                                       const at::Tensor& target, int64_t ignore_index);
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
                                   const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index);
-// apply_rotary on CUDA: the contract of apply_rotary_fwd_cpu / apply_rotary_bwd_cpu (float32, float16, bfloat16).
+// apply_rotary on CUDA: the contract of apply_rotary_fwd_cpu / apply_rotary_bwd_cpu.
 std::tuple<at::Tensor, at::Tensor> apply_rotary_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& cos, const at::Tensor& sin,
                                                          const std::optional<at::Tensor>& position_ids,

@@ -5,7 +5,7 @@ Each config in fp32 (the widest values in registers) in the code variants that d
 load: rotate-half or interleaved, with or without position ids, and the transposed rotation (which
 only flips signs and swaps which sin an element takes); then in bfloat16 with tables of its own
 dtype and float32 tables (float16 compiles to the same code but for the conversions).
-2 archs x 4 configs x 7 variants = 56 compiles of about a second each.
+2 archs x 4 configs x 8 variants = 64 compiles of about a second each.
 """
 import os
 

@@ -42,9 +42,9 @@ struct RotaryParams {
   int64_t p_sb, p_st;
 };
 
-// Thread (tx, ty) takes row blockIdx.x * blockDim.y + ty, and in it the vectors
+// Thread (tx, ty) takes row blockIdx.x * blockDim.y + ty, and in it the steps
 // tx, tx + blockDim.x, ...: first the rotary ones (rotate-half: V pairs (j, j + Dr/2),
-// interleaved: V elements = V/2 adjacent pairs), then the pass-through ones.
+// interleaved: max(V, 2) elements, whole adjacent pairs), then the pass-through ones.
 template <typename T, typename C, int V, bool INTERLEAVED, bool TRANSPOSE>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p) {
   using Acc = at::opmath_type<T>;
@@ -64,18 +64,27 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p) 
     s = static_cast<const C*>(p.sin) + b * p.s_sb + t * p.s_st;
   }
   if constexpr (INTERLEAVED) {
-    for (int64_t e = int64_t(threadIdx.x) * V; e < p.rot_dim; e += int64_t(blockDim.x) * V) {
-      const Pack<T, V> xv = load<T, V>(x + e);
-      const Pack<C, V> cv = load<C, V>(c + e), sv = load<C, V>(s + e);
-      Pack<T, V> out;
+    // E elements = E/2 whole pairs per step: one pack, or two single elements when V = 1.
+    constexpr int E = V < 2 ? 2 : V;
+    for (int64_t e = int64_t(threadIdx.x) * E; e < p.rot_dim; e += int64_t(blockDim.x) * E) {
+      Pack<T, V> xv[E / V], out[E / V];
+      Pack<C, V> cv[E / V], sv[E / V];
 #pragma unroll
-      for (int i = 0; i < V; i += 2) {
-        const Acc xa = Acc(xv.v[i]), xb = Acc(xv.v[i + 1]);
-        const Acc ca = Acc(cv.v[i]), cb = Acc(cv.v[i + 1]), sa = Acc(sv.v[i]), sb = Acc(sv.v[i + 1]);
-        out.v[i] = T(TRANSPOSE ? xa * ca + xb * sb : xa * ca - xb * sa);
-        out.v[i + 1] = T(TRANSPOSE ? xb * cb - xa * sa : xb * cb + xa * sb);
+      for (int k = 0; k < E / V; ++k) {
+        xv[k] = load<T, V>(x + e + k * V);
+        cv[k] = load<C, V>(c + e + k * V);
+        sv[k] = load<C, V>(s + e + k * V);
       }
-      store<T, V>(y + e, out);
+#pragma unroll
+      for (int i = 0; i < E; i += 2) {
+        const int ka = i / V, ia = i % V, kb = (i + 1) / V, ib = (i + 1) % V;
+        const Acc xa = Acc(xv[ka].v[ia]), xb = Acc(xv[kb].v[ib]);
+        const Acc ca = Acc(cv[ka].v[ia]), cb = Acc(cv[kb].v[ib]), sa = Acc(sv[ka].v[ia]), sb = Acc(sv[kb].v[ib]);
+        out[ka].v[ia] = T(TRANSPOSE ? xa * ca + xb * sb : xa * ca - xb * sa);
+        out[kb].v[ib] = T(TRANSPOSE ? xb * cb - xa * sa : xb * cb + xa * sb);
+      }
+#pragma unroll
+      for (int k = 0; k < E / V; ++k) store<T, V>(y + e + k * V, out[k]);
     }
   } else {
     const int64_t half = p.rot_dim / 2;
@@ -163,7 +172,8 @@ void launch(const at::Tensor& x, const at::Tensor& y, const at::Tensor& cos, con
   const auto go = [&](auto v, auto il, auto tr) {
     constexpr int V = decltype(v)::value;
     const auto kernel = rotary_kernel<T, C, V, decltype(il)::value, decltype(tr)::value>;
-    const int64_t vectors = std::max((interleaved ? p.rot_dim : p.rot_dim / 2) / V, (p.dim - p.rot_dim) / V);
+    const int64_t vectors = std::max(interleaved ? p.rot_dim / std::max(V, 2) : p.rot_dim / 2 / V,
+                                     (p.dim - p.rot_dim) / V);
     int tx = 1;
     while (tx < vectors && tx < 32) tx *= 2;  // one warp at most per row: rows are short
     const int ty = kThreads / tx;
@@ -191,15 +201,13 @@ std::tuple<at::Tensor, at::Tensor> rotate(const char* fn, const at::Tensor& q, c
   auto out_q = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto out_k = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "apply_rotary_cuda", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, fn, ": float64 is not served on CUDA (the torch backend is)");
-    } else {
-      for (auto [x, y] : {std::pair{&q, &out_q}, std::pair{&k, &out_k}}) {
-        if (cos.scalar_type() == q.scalar_type()) {
-          launch<scalar_t, scalar_t>(*x, *y, cos, sin, position_ids, interleaved, transpose);
-        } else {
-          launch<scalar_t, float>(*x, *y, cos, sin, position_ids, interleaved, transpose);
-        }
+    for (auto [x, y] : {std::pair{&q, &out_q}, std::pair{&k, &out_k}}) {
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+        launch<scalar_t, scalar_t>(*x, *y, cos, sin, position_ids, interleaved, transpose);
+      } else if (cos.scalar_type() == q.scalar_type()) {
+        launch<scalar_t, scalar_t>(*x, *y, cos, sin, position_ids, interleaved, transpose);
+      } else {
+        launch<scalar_t, float>(*x, *y, cos, sin, position_ids, interleaved, transpose);
       }
     }
   });

@@ -140,7 +140,7 @@ def _triton_backward(grad_q, grad_k, cos, sin, position_ids, interleaved):
 
 IMPLEMENTATIONS = (
     backends.Implementation("triton", _triton_forward, _triton_backward, backends.triton_why_not),
-    backends.Implementation("cuda", _cuda_forward, _cuda_backward, backends.up_to_float32("cuda")),
+    backends.Implementation("cuda", _cuda_forward, _cuda_backward, backends.device_only("cuda")),
     backends.Implementation("cpu", _cpu_forward, _cpu_backward, backends.device_only("cpu")),
     backends.Implementation("torch", _torch_forward, _torch_backward, backends.device_only("torch")),
 )
@@ -155,7 +155,7 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 def _check_positions(position_ids: Tensor, rows: int) -> None:
     # One min/max, here rather than a bounds check per element in every kernel.
-    if position_ids.numel() == 0:
+    if position_ids.numel() == 0 or position_ids.device.type == "meta":
         return
     low, high = (v.item() for v in torch.aminmax(position_ids))
     if low < 0 or high >= rows:
