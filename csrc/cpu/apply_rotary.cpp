@@ -63,7 +63,8 @@ void check_pair(const char* fn, const at::Tensor& q, const at::Tensor& k) {
               q.scalar_type());
   for (const at::Tensor* t : {&q, &k}) {
     TORCH_CHECK(t->device().is_cpu(), fn, ": q and k must be CPU tensors");
-    TORCH_CHECK(t->size(3) <= 1 || t->numel() == 0 || t->stride(3) == 1, fn, ": q and k need a unit stride on the last dim, got strides ",
+    TORCH_CHECK(t->size(3) <= 1 || t->numel() == 0 || t->stride(3) == 1, fn,
+                ": q and k need a unit stride on the last dim, got strides ",
                 t->strides());
   }
 }

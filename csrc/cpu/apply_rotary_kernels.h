@@ -44,23 +44,34 @@ struct ApplyRotaryKernels {
 namespace avx2 { extern const ApplyRotaryKernels apply_rotary; }
 namespace avx512 { extern const ApplyRotaryKernels apply_rotary; }
 
+// Tokens per block of the row order below: their cos and sin rows (16 KB in fp32 at Dr = 128)
+// stay in L1 while every head of q and k passes over them.
+constexpr int64_t kRotaryTokenBlock = 16;
+
 // Calls row(x, y, cos, sin) for every row of q and k, in one parallel region over both (a
 // separate region for k would leave threads idle at the end of q's and start a second fork),
-// and chunk_done() on each thread after its share. Rows go in (b, h, t) order, so a thread's
-// consecutive rows share a batch's tables in cache.
+// and chunk_done() on each thread after its share. The rows go in (b, token block, head of q
+// then k, token) order: heads share their tables, so a token block's tables are read from
+// memory once and from L1 by every head, where (b, h, t) order streamed all of a batch's
+// tables (as many bytes as the row itself) from L2 or L3 again for every head. The order's
+// last token block is padded to a whole block; its padding indices are skipped.
 template <typename T, typename C, typename F, typename G>
 void for_each_rotary_row(const RotaryArgs& a, const F& row, const G& chunk_done) {
-  const int64_t q_rows = a.batch * a.rows[0].heads * a.tokens;
-  const int64_t total = q_rows + a.batch * a.rows[1].heads * a.tokens;
+  const int64_t heads = a.rows[0].heads + a.rows[1].heads;
+  const int64_t block = std::min(kRotaryTokenBlock, a.tokens);
+  const int64_t blocks = (a.tokens + block - 1) / block;
+  const int64_t total = a.batch * blocks * heads * block;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(a.dim, 1));
   at::parallel_for(0, total, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const bool is_k = r >= q_rows;
+      const int64_t ti = r % block, hh = (r / block) % heads, tb = (r / (block * heads)) % blocks;
+      const int64_t b = r / (block * heads * blocks), t = tb * block + ti;
+      if (t >= a.tokens) continue;
+      const bool is_k = hh >= a.rows[0].heads;
       const RotaryRows& rs = a.rows[is_k];
-      const int64_t i = is_k ? r - q_rows : r;
-      const int64_t t = i % a.tokens, h = (i / a.tokens) % rs.heads, b = i / (a.tokens * rs.heads);
+      const int64_t h = is_k ? hh - a.rows[0].heads : hh;
       const T* x = static_cast<const T*>(rs.x) + b * rs.stride_b + h * rs.stride_h + t * rs.stride_t;
-      T* y = static_cast<T*>(rs.y) + i * a.dim;
+      T* y = static_cast<T*>(rs.y) + ((b * rs.heads + h) * a.tokens + t) * a.dim;
       const C* c;
       const C* s;
       if (a.pos) {

@@ -122,7 +122,8 @@ void check_pair(const char* fn, const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), fn, ": k dtype ", k.scalar_type(), " must match q dtype ",
               q.scalar_type());
   for (const at::Tensor* t : {&q, &k}) {
-    TORCH_CHECK(t->size(3) <= 1 || t->numel() == 0 || t->stride(3) == 1, fn, ": q and k need a unit stride on the last dim, got ",
+    TORCH_CHECK(t->size(3) <= 1 || t->numel() == 0 || t->stride(3) == 1, fn,
+                ": q and k need a unit stride on the last dim, got ",
                 t->strides());
   }
   const bool wide = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;

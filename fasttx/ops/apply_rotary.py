@@ -90,7 +90,8 @@ def _transposed(g: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tenso
 def _torch_backward(grad_q, grad_k, cos, sin, position_ids, interleaved):
     # Differentiable torch ops: also the backward that autograd records (create_graph=True).
     cos, sin = _broadcast_tables(cos, sin, position_ids)
-    return _transposed(grad_q, cos, sin, interleaved).contiguous(), _transposed(grad_k, cos, sin, interleaved).contiguous()
+    return (_transposed(grad_q, cos, sin, interleaved).contiguous(),
+            _transposed(grad_k, cos, sin, interleaved).contiguous())
 
 
 def _table_grads(grad_q, grad_k, q, k, cos, sin, position_ids, interleaved):
