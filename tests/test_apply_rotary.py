@@ -7,9 +7,6 @@ import textwrap
 
 import pytest
 import torch
-from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_apply_rotary
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary
-
 import fasttx
 from fasttx import backends
 from fasttx.ops.apply_rotary import IMPLEMENTATIONS, apply_rotary_ref
@@ -34,14 +31,29 @@ def tables(b, t, dr, interleaved=False, dtype=torch.float32, device="cpu", offse
     return angles.cos().to(dtype).to(device), angles.sin().to(dtype).to(device)
 
 
-def hf_formula(q, k, cos, sin, interleaved=False):
-    """transformers' own functions: Llama's rotate-half, GPT-J's rotate_every_two, partial as Phi splits."""
+def hf_apply_rotary(q, k, cos, sin):
+    """transformers' Llama apply_rotary_pos_emb, in q's dtype (test_hf_formulas_are_transformers' checks it)."""
+    def rotate_half(x):
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def gptj_apply_rotary(x, sin, cos):
+    """transformers' GPT-J apply_rotary_pos_emb: x (B, T, H, D), tables of Dr/2 repeated per pair."""
+    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
+    cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+    rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+def hf_formula(q, k, cos, sin, interleaved=False, llama=hf_apply_rotary, gptj=gptj_apply_rotary):
+    """transformers' functions: Llama's rotate-half, GPT-J's rotate_every_two, partial as Phi splits."""
     dr = cos.shape[-1]
     if interleaved:  # GPT-J takes (B, T, H, D) and tables of Dr/2 it repeats per pair
-        rot = [gptj_apply_rotary(x[..., :dr].transpose(1, 2), sin[..., ::2], cos[..., ::2]).transpose(1, 2)
-               for x in (q, k)]
+        rot = [gptj(x[..., :dr].transpose(1, 2), sin[..., ::2], cos[..., ::2]).transpose(1, 2) for x in (q, k)]
     else:
-        rot = list(hf_apply_rotary(q[..., :dr], k[..., :dr], cos, sin))
+        rot = list(llama(q[..., :dr], k[..., :dr], cos, sin))
     return tuple(torch.cat((r, x[..., dr:]), -1) for r, x in zip(rot, (q, k)))
 
 
@@ -274,6 +286,21 @@ def test_reference_is_transformers_formula_in_float64():
             torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hf_formulas_are_transformers(dtype):
+    """The yardstick above is transformers' own functions, bit for bit, in every dtype."""
+    pytest.importorskip("transformers")
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 80, dtype=dtype), torch.randn(2, 1, 5, 80, dtype=dtype)
+    for interleaved in (False, True):
+        cos, sin = tables(2, 5, 32, interleaved, dtype)
+        for a, b in zip(hf_formula(q, k, cos, sin, interleaved),
+                        hf_formula(q, k, cos, sin, interleaved, llama=llama, gptj=gptj)):
+            assert torch.equal(a, b)
+
+
 def test_autocast_keeps_dtypes():
     # No GEMM: autocast casts nothing, and the output keeps q's dtype (not transformers' promotion to
     # the float32 of its tables, which the attention after it casts back anyway).
@@ -438,6 +465,7 @@ ROPE_PARAMETERS = [
 
 @pytest.mark.parametrize("rope", ROPE_PARAMETERS, ids=lambda r: r["rope_type"])
 def test_rotary_embedding_matches_transformers(rope):
+    pytest.importorskip("transformers")
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
