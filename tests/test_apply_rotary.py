@@ -417,24 +417,31 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    def block(q, k, cos, sin):
+    def block(q, k, cos, sin, table, ids):
         a, b = fasttx.apply_rotary(q * 2, k, cos, sin)
-        return (a.sum(1, keepdim=True) * b).sum()
+        c, d = fasttx.apply_rotary(a, b, table, table, position_ids=ids, interleaved=True)
+        return (c.sum(1, keepdim=True) * d).sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True)  # raises on any graph break
     torch.manual_seed(0)
     q = torch.randn(2, 4, 7, 32, requires_grad=True)
     k = torch.randn(2, 1, 7, 32, requires_grad=True)
+    table = torch.randn(20, 16, requires_grad=True)  # its gradient too
     cos, sin = tables(1, 7, 32)
-    out = compiled(q, k, cos, sin)
+    ids = torch.tensor([19, 0, 3, 3, 8, 1, 2])
+    leaves = (q, k, table)
+    out = compiled(q, k, cos, sin, table, ids)
     out.backward()
-    grads = (q.grad, k.grad)
-    q.grad = k.grad = None
-    expected = block(q, k, cos, sin)
+    grads = [t.grad for t in leaves]
+    for t in leaves:
+        t.grad = None
+    expected = block(q, k, cos, sin, table, ids)
     expected.backward()
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(grads, (q.grad, k.grad))
+    torch.testing.assert_close(grads, [t.grad for t in leaves])
+    with pytest.raises(IndexError, match=r"position_ids must lie in \[0, 20\)"):
+        compiled(q, k, cos, sin, table, ids + 1)
 
 
 def test_auto_prefers_the_cpu_kernel_on_cpu_tensors():
