@@ -163,7 +163,7 @@ def test_table_shapes(device, backend, layout):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-@pytest.mark.parametrize("ids_shape", ["B,T", "T"])
+@pytest.mark.parametrize("ids_shape", ["B,T", "1,T", "T"])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 def test_position_ids_gather_table_rows(device, backend, ids_shape, interleaved):
     skip_unless_runnable(device, backend)
@@ -171,7 +171,7 @@ def test_position_ids_gather_table_rows(device, backend, ids_shape, interleaved)
     b, t, positions = 2, 9, 50
     cos, sin = tables(1, positions, 32, interleaved, device=device)
     cos, sin = cos[0], sin[0]
-    ids = torch.randint(0, positions, (b, t) if ids_shape == "B,T" else (t,), device=device)
+    ids = torch.randint(0, positions, {"B,T": (b, t), "1,T": (1, t), "T": (t,)}[ids_shape], device=device)
     q, k = torch.randn(b, 3, t, 40, device=device), torch.randn(b, 1, t, 40, device=device)
     check_against_reference(backend, q, k, cos, sin, interleaved, ids)
 
@@ -389,7 +389,7 @@ def _qk(d=8, dtype=torch.float32):
     (lambda q, k, c, s: fasttx.apply_rotary(q, k, c, s, interleaved=1), TypeError,
      "interleaved must be a bool, got int 1"),
     (lambda q, k, c, s: fasttx.apply_rotary(q, k, c, s, position_ids=torch.zeros(3, dtype=torch.long)), ValueError,
-     r"position_ids must have shape \(2, 5\) or \(5,\) for q of shape \(2, 4, 5, 8\), got \(3,\)"),
+     r"position_ids must have shape \(2 or 1, 5\) or \(5,\) for q of shape \(2, 4, 5, 8\), got \(3,\)"),
     (lambda q, k, c, s: fasttx.apply_rotary(q, k, c, s, position_ids=torch.zeros(5)), TypeError,
      "position_ids must be int64 or int32, got torch.float32"),
     (lambda q, k, c, s: fasttx.apply_rotary(q, k, c[None], s[None], position_ids=torch.zeros(5, dtype=torch.long)),

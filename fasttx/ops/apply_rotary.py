@@ -255,8 +255,8 @@ def _check_tables(q: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Te
         if position_ids.device != q.device:
             raise ValueError(f"fasttx.{_OP}: position_ids is on {position_ids.device} but q is on {q.device}; "
                              "they must match")
-        if tuple(position_ids.shape) not in ((b, t), (t,)):
-            raise ValueError(f"fasttx.{_OP}: position_ids must have shape ({b}, {t}) or ({t},) for q of shape "
+        if tuple(position_ids.shape) not in ((b, t), (1, t), (t,)):
+            raise ValueError(f"fasttx.{_OP}: position_ids must have shape ({b} or 1, {t}) or ({t},) for q of shape "
                              f"{tuple(q.shape)}, got {tuple(position_ids.shape)}")
         if cos.dim() != 2:
             raise ValueError(f"fasttx.{_OP}: with position_ids, cos and sin must be (positions, rotary_dim) tables, "
@@ -279,8 +279,8 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved:
     q is (B, Hq, T, D) and k (B, Hk, T, D) (Hq != Hk for grouped-query attention), any strides
     but a unit stride on the last dimension (a view of a packed QKV projection is read in place).
     cos and sin are (T, Dr), (B or 1, T, Dr) or (B or 1, 1, T, Dr), as transformers' rotary
-    embeddings return them; or, with ``position_ids`` of shape (B, T) or (T,), (positions, Dr)
-    tables whose rows are gathered. The first Dr <= D features of each head rotate and the rest
+    embeddings return them; or, with ``position_ids`` of shape (B, T), (1, T) or (T,), (positions,
+    Dr) tables whose rows are gathered. The first Dr <= D features of each head rotate and the rest
     pass through. ``interleaved=False`` pairs feature i with i + Dr/2 (rotate_half, Llama);
     ``interleaved=True`` pairs 2i with 2i + 1 (GPT-J). The results are new contiguous tensors
     in q's dtype, computed in float32 (float64 for float64) and rounded once; cos and sin may
