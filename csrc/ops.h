@@ -158,6 +158,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::T
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
                                  const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index);
 
+// apply_rotary: rotary position embeddings on q (B, Hq, T, D) and k (B, Hk, T, D), each read
+// through its strides (the last must be 1) and written to a new contiguous tensor of its shape
+// and dtype. cos and sin (one shape and dtype: q's, or float32 for 16-bit q; unit last stride)
+// are (B, T, Dr) (any strides, a batch stride of 0 included), or with position_ids (B, T) int64
+// the (positions, Dr) tables whose rows the ids pick (an id outside them raises). Dr is even,
+// 2 <= Dr <= D; features from Dr on are copied. Pairs (a, b) are (j, j + Dr/2) (rotate-half) or
+// (2j, 2j + 1) (interleaved); in fp32 (fp64 for fp64), rounded once:
+//   forward   y_a = x_a c_a - x_b s_a,  y_b = x_b c_b + x_a s_b
+//   backward  (the transposed rotation of the gradients grad_q, grad_k)
+//             y_a = x_a c_a + x_b s_b,  y_b = x_b c_b - x_a s_a
+// Returns (rotated q, rotated k).
+std::tuple<at::Tensor, at::Tensor> apply_rotary_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& cos, const at::Tensor& sin,
+                                                        const std::optional<at::Tensor>& position_ids,
+                                                        bool interleaved);
+std::tuple<at::Tensor, at::Tensor> apply_rotary_bwd_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                        const at::Tensor& cos, const at::Tensor& sin,
+                                                        const std::optional<at::Tensor>& position_ids,
+                                                        bool interleaved);
+
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
@@ -195,6 +215,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::
                                                                       const at::Tensor& target, int64_t ignore_index);
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
                                   const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index);
+// apply_rotary on CUDA: the contract of apply_rotary_fwd_cpu / apply_rotary_bwd_cpu.
+std::tuple<at::Tensor, at::Tensor> apply_rotary_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& cos, const at::Tensor& sin,
+                                                         const std::optional<at::Tensor>& position_ids,
+                                                         bool interleaved);
+std::tuple<at::Tensor, at::Tensor> apply_rotary_bwd_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                         const at::Tensor& cos, const at::Tensor& sin,
+                                                         const std::optional<at::Tensor>& position_ids,
+                                                         bool interleaved);
 #endif
 
 }  // namespace fasttx

@@ -126,5 +126,6 @@ def test_installed_extension_linked_cuda_kernels():
     for name in ("bias_gelu_fwd_cuda", "bias_gelu_bwd_cuda", "layer_norm_fwd_cuda", "layer_norm_bwd_cuda",
                  "gelu_ffn_fwd_cuda", "gelu_ffn_bwd_cuda", "attention_fwd_cuda", "attention_bwd_cuda",
                  "softmax_fwd_cuda", "softmax_bwd_cuda", "cross_entropy_fwd_cuda",
-                 "cross_entropy_bwd_cuda"):
+                 "cross_entropy_bwd_cuda",
+                 "apply_rotary_fwd_cuda", "apply_rotary_bwd_cuda"):
         assert callable(getattr(ext, name, None)), f"fasttx._C is built with CUDA but lacks {name}"

@@ -2,6 +2,8 @@
 from fasttx.nn.attention import MultiheadSelfAttention
 from fasttx.nn.feed_forward import GELUFFN
 from fasttx.nn.normalization import LayerNorm, RMSNorm
+from fasttx.nn.rotary import RotaryEmbedding
 from fasttx.nn.transformer import TransformerBlock
 
 __all__ = ["GELUFFN", "LayerNorm", "MultiheadSelfAttention", "RMSNorm", "TransformerBlock"]
+__all__ += ["RotaryEmbedding"]

@@ -1,4 +1,5 @@
 """One module per op: its reference, autograd, torch.library registration and backend list."""
+from fasttx.ops.apply_rotary import apply_rotary, apply_rotary_ref
 from fasttx.ops.attention import scaled_dot_product_attention, scaled_dot_product_attention_ref
 from fasttx.ops.bias_gelu import bias_gelu, bias_gelu_ref
 from fasttx.ops.cross_entropy import cross_entropy, cross_entropy_ref
@@ -10,3 +11,4 @@ from fasttx.ops.layer_norm import (add_layer_norm, add_layer_norm_ref, layer_nor
 __all__ = ["bias_gelu", "bias_gelu_ref", "cross_entropy", "cross_entropy_ref", "gelu_ffn", "gelu_ffn_ref", "layer_norm", "layer_norm_ref", "add_layer_norm", "add_layer_norm_ref",
            "rms_norm", "rms_norm_ref", "scaled_dot_product_attention", "scaled_dot_product_attention_ref",
            "softmax", "softmax_ref"]
+__all__ += ["apply_rotary", "apply_rotary_ref"]
