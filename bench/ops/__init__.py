@@ -1,6 +1,8 @@
 """The ops the suite knows, by name. One file per op (or kernel family); register it here."""
 from bench.ops import attention, bias_gelu, cross_entropy, gelu_ffn, layer_norm, softmax
+from bench.ops import glu_ffn
 
 OPS = {spec.name: spec for spec in (bias_gelu.SPEC, layer_norm.LAYER_NORM, layer_norm.ADD_LAYER_NORM,
                                     layer_norm.RMS_NORM, gelu_ffn.SPEC, attention.SPEC, softmax.SPEC,
                                     cross_entropy.SPEC)}
+OPS[glu_ffn.SPEC.name] = glu_ffn.SPEC
