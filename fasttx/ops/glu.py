@@ -87,7 +87,7 @@ def _triton_backward(grad, gate, up, activation):
 
 IMPLEMENTATIONS = (
     backends.Implementation("triton", _triton_forward, _triton_backward, backends.triton_why_not),
-    backends.Implementation("cuda", _cuda_forward, _cuda_backward, backends.device_only("cuda")),
+    backends.Implementation("cuda", _cuda_forward, _cuda_backward, backends.up_to_float32("cuda")),
     backends.Implementation("cpu", _cpu_forward, _cpu_backward, backends.device_only("cpu")),
     backends.Implementation("torch", _torch_forward, _torch_backward, backends.device_only("torch")),
 )
