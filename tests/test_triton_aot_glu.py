@@ -1,11 +1,11 @@
 """Rung (c) for the glu and glu_ffn Triton kernels: every config their dispatchers can pick compiles
 for sm_80 and sm_90 (no GPU needed) without register spills and within shared memory.
 
-glu's two elementwise kernels have one config: every activation x dtype x arch x alignment.
-glu_ffn's matmul has 3 tiles per (epilogue kind, dtype class): every tile compiles with its
-epilogue's heaviest variant (the gelu (erf) activation, biases on) in the dtype it is picked for,
-on both archs; the rest (other activations, unaligned strides, fp16, the plain "linear" GEMMs of
-each operand layout) run on the largest tile only, to keep the file well under a minute and a half.
+glu's two elementwise kernels have one config: every activation in 4 (dtype, arch, alignment)
+combinations. glu_ffn's matmul has 3 tiles per (epilogue kind, dtype class): every tile compiles
+with its epilogue's heaviest variant (the gelu (erf) activation, biases on) in the dtype it is
+picked for; the rest (the other arch, unaligned strides, fp16, silu without biases, the plain
+"linear" GEMMs of each operand layout) run on the largest tile only, to keep the file's time small.
 """
 import os
 
@@ -31,15 +31,16 @@ _GLU_KERNELS = {
 
 
 def _glu_cases():
+    """Every activation of both kernels in: bf16 aligned (16-byte vector accesses, the widest code) on
+    sm_90, bf16 unaligned (scalar accesses) on sm_80, fp32 aligned on sm_80 and fp16 aligned on sm_90."""
     for name, (fn, arg_types) in _GLU_KERNELS.items():
         for cfg in glu.CONFIGS:
             for activation in glu.ACTIVATIONS:
-                for dtype in ("fp32", "bf16", "fp16"):
-                    for arch in triton_aot.ARCHS:
-                        for aligned in (True, False):
-                            yield pytest.param(fn, arg_types, cfg, {"ACTIVATION": activation}, dtype, arch,
-                                               triton_aot.divisible_args(arg_types) if aligned else (),
-                                               id=f"{name}-{activation}-{dtype}-sm{arch}-{'aligned' if aligned else 'unaligned'}")
+                for dtype, arch, aligned in (("bf16", 90, True), ("bf16", 80, False), ("fp32", 80, True),
+                                             ("fp16", 90, True)):
+                    yield pytest.param(fn, arg_types, cfg, {"ACTIVATION": activation}, dtype, arch,
+                                       triton_aot.divisible_args(arg_types) if aligned else (),
+                                       id=f"{name}-{activation}-{dtype}-sm{arch}-{'aligned' if aligned else 'unaligned'}")
 
 
 # ---- glu_ffn's matmul ----------------------------------------------------------------------
@@ -52,11 +53,12 @@ _LINEAR = dict(EPILOGUE="linear", HAS_BIAS=False, HAS_BIAS2=False, ACTIVATION="s
 _FFN_HEAVY = {"glu": ("nt", dict(EPILOGUE="glu", HAS_BIAS=True, HAS_BIAS2=True, ACTIVATION="gelu", ACCUMULATE=False)),
               "glu_grad": ("nn", dict(EPILOGUE="glu_grad", HAS_BIAS=True, HAS_BIAS2=True, ACTIVATION="gelu",
                                       ACCUMULATE=False))}
-_FFN_LIGHT = [("nt", dict(_FFN_HEAVY["glu"][1], ACTIVATION=a, HAS_BIAS=False, HAS_BIAS2=False))
-              for a in ("silu", "gelu_tanh")] + \
-             [("nn", dict(_FFN_HEAVY["glu_grad"][1], ACTIVATION=a, HAS_BIAS2=False)) for a in ("silu", "gelu_tanh")] + \
-             [("nt", dict(_LINEAR, HAS_BIAS=True)), ("nn", dict(_LINEAR, ACCUMULATE=True)), ("nn", _LINEAR),
-              ("tn", _LINEAR)]
+# silu (LLaMA's) in the epilogues without biases; the "linear" GEMMs of each layout (bias and
+# accumulate are supersets of the plain GEMM's code). gelu_tanh's epilogue is a subset of the
+# heavy gelu one's work (one exp and a reciprocal, as silu's), so it is left to the interpreter.
+_FFN_LIGHT = [("nt", dict(_FFN_HEAVY["glu"][1], ACTIVATION="silu", HAS_BIAS=False, HAS_BIAS2=False)),
+              ("nn", dict(_FFN_HEAVY["glu_grad"][1], ACTIVATION="silu", HAS_BIAS=False, HAS_BIAS2=False)),
+              ("nt", dict(_LINEAR, HAS_BIAS=True)), ("nn", dict(_LINEAR, ACCUMULATE=True)), ("tn", _LINEAR)]
 
 
 def _ffn_arg_types(layout):
@@ -72,27 +74,29 @@ def _ffn_param(cfg, layout, variant, dtype, arch, aligned):
     return pytest.param(glu_ffn._glu_ffn_matmul_kernel, arg_types, cfg,
                         dict(variant, UPCAST_DOT=False, **_PINNED[layout]), dtype, arch,
                         triton_aot.divisible_args(arg_types) if aligned else (),
-                        id=f"glu_ffn-{layout}-{variant['EPILOGUE']}-{variant['ACTIVATION']}-{cfg_id}-{dtype}-sm{arch}-"
+                        id=f"glu_ffn-{layout}-{variant['EPILOGUE']}-{variant['ACTIVATION']}"
+                           f"{'-bias' if variant['HAS_BIAS'] else ''}{'-acc' if variant['ACCUMULATE'] else ''}-{cfg_id}-{dtype}-sm{arch}-"
                            f"{'aligned' if aligned else 'unaligned'}")
 
 
 def _ffn_cases():
+    """Each tile of each (kind, dtype class) with its kind's heavy variant, in the dtype it is picked for, on
+    the arch that matters most for it (16-bit: sm_90's wgmma; fp32: sm_80's mma), the largest tile on both
+    archs, unaligned and (16-bit) in fp16 too; the light variants on the largest tile."""
     for dual in (False, True):
         for torch_dtype, dtype in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             configs = glu_ffn.CONFIGS_BY_KIND[(dual, torch_dtype)]
-            heavy = [_FFN_HEAVY["glu"]] if dual else [_FFN_HEAVY["glu_grad"]]
-            for layout, variant in heavy:
-                for cfg in configs:
-                    for arch in triton_aot.ARCHS:
-                        yield _ffn_param(cfg, layout, variant, dtype, arch, aligned=True)
-                # The largest tile unaligned (scalar loads, more address registers), and in fp16.
-                yield _ffn_param(configs[0], layout, variant, dtype, 80, aligned=False)
-                if dtype == "bf16":
-                    yield _ffn_param(configs[0], layout, variant, "fp16", 90, aligned=True)
-            arch = 90 if dtype == "bf16" else 80  # 16-bit: wgmma on sm_90; fp32 takes mma on sm_80
-            for layout, variant in _FFN_LIGHT:
-                if (variant["EPILOGUE"] == "glu") == dual:
-                    yield _ffn_param(configs[0], layout, variant, dtype, arch, aligned=True)
+            layout, variant = _FFN_HEAVY["glu" if dual else "glu_grad"]
+            arch = 90 if dtype == "bf16" else 80
+            for cfg in configs:
+                yield _ffn_param(cfg, layout, variant, dtype, arch, aligned=True)
+            yield _ffn_param(configs[0], layout, variant, dtype, 170 - arch, aligned=True)  # the other arch
+            yield _ffn_param(configs[0], layout, variant, dtype, 80, aligned=False)
+            if dtype == "bf16":
+                yield _ffn_param(configs[0], layout, variant, "fp16", 90, aligned=True)
+            for light_layout, light in _FFN_LIGHT:
+                if (light["EPILOGUE"] == "glu") == dual:
+                    yield _ffn_param(configs[0], light_layout, light, dtype, arch, aligned=True)
 
 
 @pytest.mark.parametrize("fn, arg_types, cfg, variant, dtype, arch, aligned_args",
