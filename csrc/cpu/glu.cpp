@@ -4,6 +4,7 @@
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "cpu/cpu_features.h"
 #include "cpu/glu_kernels.h"
