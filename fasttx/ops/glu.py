@@ -34,9 +34,10 @@ def activation_ref(z: Tensor, activation: str) -> Tensor:
 
 
 def activation_grad_ref(grad: Tensor, z: Tensor, activation: str) -> Tensor:
-    """grad * act'(z), in differentiable aten ops (both have double-backward formulas)."""
+    """grad * act'(z), in twice-differentiable torch ops (aten.silu_backward has no derivative of its own)."""
     if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, z)
+        s = torch.sigmoid(z)
+        return grad * (s * (1 + z * (1 - s)))
     return torch.ops.aten.gelu_backward(grad, z, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
