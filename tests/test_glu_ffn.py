@@ -163,7 +163,8 @@ def test_saves_x_gate_and_up_but_never_the_product():
     skip_unless_runnable("cpu", "cpu")
     m, d, h = 64, 32, 88
     x = torch.randn(m, d, requires_grad=True)
-    params = [p.requires_grad_() for p in _params(d, h, torch.float32, "cpu", bias=(False,) * 3)]
+    params = [p.requires_grad_() if p is not None else None
+              for p in _params(d, h, torch.float32, "cpu", bias=(False,) * 3)]
     fused = _saved_activation_bytes(fasttx.glu_ffn, x, params)
     eager = _saved_activation_bytes(glu_ffn_ref, x, params)
     assert fused == 4 * (m * d + 2 * m * h)    # x, gate and up
