@@ -60,7 +60,8 @@ CHILD = textwrap.dedent("""
         # sweep over both tails, within 2x (3x for gradients) PyTorch's own float32 error + 1e-6.
         z = torch.linspace(-12, 12, 24003, dtype=torch.float64).view(3, 8001)
         zb = torch.zeros(8001, dtype=torch.float64)
-        glu_cases = [(lambda a, c, act=act: fasttx.glu(a, c + 1, act), lambda a, c, act=act: glu_ref(a, c + 1, act))
+        glu_cases = [(lambda a, c, act=act: fasttx.glu(a, (c + 1).expand_as(a), act),
+                      lambda a, c, act=act: glu_ref(a, c + 1, act))
                      for act in ("silu", "gelu", "gelu_tanh")]
         gelu_cases = [(lambda a, c, ap=ap: fasttx.bias_gelu(a, c, ap), lambda a, c, ap=ap: F.gelu(a + c, approximate=ap))
                       for ap in ("none", "tanh")]
