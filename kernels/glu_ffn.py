@@ -161,13 +161,24 @@ CONFIGS = tuple(cfg for configs in CONFIGS_BY_KIND.values() for cfg in configs)
 _WAVE = 132  # programs that fill an H100 (A100: 108) once; fewer leave SMs idle
 
 
-def _config(M, N, dtype, dual):
-    """The largest tile that still gives a full wave of programs (the smallest when none does)."""
+def _config(M, N, dtype, dual, aligned=True):
+    """The largest tile that still gives a full wave of programs (the smallest when none does).
+    Unaligned operands (a size, stride or pointer the JIT cannot mark 16-divisible) take the
+    smallest tile: element-wise loads and addresses made the larger ones spill on sm_80
+    (tests/test_triton_aot_glu.py compiles both cases)."""
     configs = CONFIGS_BY_KIND[(dual, torch.float32 if dtype == torch.float32 else torch.bfloat16)]
+    if not aligned:
+        return configs[-1]
     for cfg in configs[:-1]:
         if triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]) >= _WAVE:
             return cfg
     return configs[-1]
+
+
+def _aligned(sizes, tensors):
+    """Whether the JIT sees every size and non-unit stride as 16-divisible and every pointer 16-byte aligned."""
+    return (all(v % 16 == 0 for v in sizes if v != 1)
+            and all(t.data_ptr() % 16 == 0 for t in tensors if t is not None))
 
 
 def _matmul(a, b, c, epilogue="linear", b2=None, c2=None, c3=None, bias=None, bias2=None, gate=None, up=None,
@@ -179,7 +190,8 @@ def _matmul(a, b, c, epilogue="linear", b2=None, c2=None, c3=None, bias=None, bi
     N = b.shape[1]
     if b2 is not None:
         assert b2.shape == b.shape and b2.stride() == b.stride()
-    cfg = _config(M, N, a.dtype, epilogue == "glu")
+    aligned = _aligned((M, N, K, *a.stride(), *b.stride()), (a, b, b2, c, c2, c3, bias, bias2, gate, up))
+    cfg = _config(M, N, a.dtype, epilogue == "glu", aligned)
     row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     partial = lambda wanted: torch.empty((row_blocks, N), dtype=torch.float32, device=a.device) if wanted else None
     db, db2 = partial(reduce_bias), partial(reduce_bias2)

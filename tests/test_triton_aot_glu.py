@@ -82,7 +82,8 @@ def _ffn_param(cfg, layout, variant, dtype, arch, aligned):
 def _ffn_cases():
     """Each tile of each (kind, dtype class) with its kind's heavy variant, in the dtype it is picked for, on
     the arch that matters most for it (16-bit: sm_90's wgmma; fp32: sm_80's mma), the largest tile on both
-    archs, unaligned and (16-bit) in fp16 too; the light variants on the largest tile."""
+    archs and (16-bit) in fp16 too; unaligned operands, for which the dispatcher picks the smallest tile
+    only (the larger ones spilled there), on sm_80; the light variants on the largest tile."""
     for dual in (False, True):
         for torch_dtype, dtype in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             configs = glu_ffn.CONFIGS_BY_KIND[(dual, torch_dtype)]
@@ -91,7 +92,7 @@ def _ffn_cases():
             for cfg in configs:
                 yield _ffn_param(cfg, layout, variant, dtype, arch, aligned=True)
             yield _ffn_param(configs[0], layout, variant, dtype, 170 - arch, aligned=True)  # the other arch
-            yield _ffn_param(configs[0], layout, variant, dtype, 80, aligned=False)
+            yield _ffn_param(configs[-1], layout, variant, dtype, 80, aligned=False)  # unaligned: the smallest only
             if dtype == "bf16":
                 yield _ffn_param(configs[0], layout, variant, "fp16", 90, aligned=True)
             for light_layout, light in _FFN_LIGHT:
@@ -113,8 +114,8 @@ def test_every_config_the_dispatchers_pick_is_listed():
     # The compile tests cover CONFIGS; the dispatchers must never return anything else.
     for dual in (False, True):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            configs = glu_ffn.CONFIGS_BY_KIND[(dual, torch.float32 if dtype == torch.float32 else torch.bfloat16)]
             for M in (1, 63, 64, 65, 200, 1000, 4096, 1 << 20):
                 for N in (1, 64, 200, 2048, 5632, 14336):
-                    cfg = glu_ffn._config(M, N, dtype, dual)
-                    assert cfg in glu_ffn.CONFIGS_BY_KIND[(dual, torch.float32 if dtype == torch.float32
-                                                           else torch.bfloat16)], (M, N, dtype, dual)
+                    assert glu_ffn._config(M, N, dtype, dual) in configs, (M, N, dtype, dual)
+                    assert glu_ffn._config(M, N, dtype, dual, aligned=False) == configs[-1], (M, N, dtype, dual)
