@@ -117,3 +117,14 @@ def test_configs_cover_every_choice():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for M, N in ((1, 1), (4096, 5632), (200, 200)):
                 assert kernels._config(M, N, dtype, dual) in kernels.CONFIGS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_largest_tiles(monkeypatch, dtype):
+    """Aligned operands and a one-program "wave": the dispatcher picks the largest tile of each kind,
+    which the small shapes above never reach (they take the smallest)."""
+    monkeypatch.setattr(kernels, "_WAVE", 1)
+    inputs = _inputs(48, 32, 64, dtype, (True, True, True), 7)
+    assert kernels._config(48, 64, dtype, True) is kernels.CONFIGS_BY_KIND[(True, dtype)][0]
+    assert kernels._aligned((48, 64, 32, 32, 1), inputs[:2])
+    _check(inputs, "silu", dtype)
