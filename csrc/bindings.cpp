@@ -36,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the tests' switch between oneDNN and BLAS; returns the old setting");
   m.def("gelu_ffn_fwd_cpu", &fasttx::gelu_ffn_fwd_cpu, "act(x w1^T + b1) w2^T + b2, CPU");
   m.def("gelu_ffn_bwd_cpu", &fasttx::gelu_ffn_bwd_cpu, "gelu_ffn backward, CPU");
+  m.def("glu_fwd_cpu", &fasttx::glu_fwd_cpu, "act(gate) * up, CPU");
+  m.def("glu_bwd_cpu", &fasttx::glu_bwd_cpu, "glu backward, CPU");
+  m.def("glu_ffn_fwd_cpu", &fasttx::glu_ffn_fwd_cpu, "(act(x w_gate^T + b) * (x w_up^T + b)) w_down^T + b, CPU");
+  m.def("glu_ffn_bwd_cpu", &fasttx::glu_ffn_bwd_cpu, "glu_ffn backward, CPU");
   m.def("attention_fwd_cpu", &fasttx::attention_fwd_cpu, "flash attention forward, CPU");
   m.def("attention_bwd_cpu", &fasttx::attention_bwd_cpu, "flash attention backward, CPU");
   m.def("softmax_fwd_cpu", &fasttx::softmax_fwd_cpu, "scaled masked softmax forward, CPU");
@@ -60,6 +64,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_bwd_cuda", &fasttx::layer_norm_bwd_cuda, "layer/rms/add-layer norm backward, CUDA");
   m.def("gelu_ffn_fwd_cuda", &fasttx::gelu_ffn_fwd_cuda, "act(x w1^T + b1) w2^T + b2, cuBLASLt");
   m.def("gelu_ffn_bwd_cuda", &fasttx::gelu_ffn_bwd_cuda, "gelu_ffn backward, cuBLASLt");
+  m.def("glu_fwd_cuda", &fasttx::glu_fwd_cuda, "act(gate) * up, CUDA");
+  m.def("glu_bwd_cuda", &fasttx::glu_bwd_cuda, "glu backward, CUDA");
+  m.def("glu_ffn_fwd_cuda", &fasttx::glu_ffn_fwd_cuda, "glu_ffn forward, cuBLASLt + a fused glu pass");
+  m.def("glu_ffn_bwd_cuda", &fasttx::glu_ffn_bwd_cuda, "glu_ffn backward, cuBLASLt + a fused glu pass");
   m.def("attention_fwd_cuda", &fasttx::attention_fwd_cuda, "attention forward: cuBLAS GEMMs + fused softmax, CUDA");
   m.def("attention_bwd_cuda", &fasttx::attention_bwd_cuda, "attention backward: cuBLAS GEMMs + fused softmax, CUDA");
   m.def("softmax_fwd_cuda", &fasttx::softmax_fwd_cuda, "scaled masked softmax forward, CUDA");

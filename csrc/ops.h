@@ -177,6 +177,27 @@ std::tuple<at::Tensor, at::Tensor> apply_rotary_bwd_cpu(const at::Tensor& grad_q
                                                         const at::Tensor& cos, const at::Tensor& sin,
                                                         const std::optional<at::Tensor>& position_ids,
                                                         bool interleaved);
+// glu: y = act(gate) * up, elementwise. gate, up (and grad) contiguous, one shape and dtype;
+// activation is csrc/common/activation.h's Activation: 0 gelu, 1 gelu_tanh or 3 silu.
+// The backward returns (grad_gate, grad_up), recomputing act(gate) from gate.
+at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
+std::tuple<at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
+                                               int64_t activation);
+
+// glu_ffn: out = (act(x w_gate^T + b_gate) * (x w_up^T + b_up)) w_down^T + b_down, nn.Linear's
+// layout: x (M, D), w_gate and w_up (H, D), w_down (D2, H), biases (H,) (H,) (D2,), all contiguous,
+// one dtype; activation as glu's. The forward returns (out, gate, up), the two (M, H)
+// pre-activations the backward needs besides x and the weights (act(gate) * up is recomputed,
+// never stored). The backward returns (grad_x, grad_w_gate, grad_b_gate, grad_w_up, grad_b_up,
+// grad_w_down, grad_b_down), the bias grads undefined where has_b_* is false.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_ffn_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w_gate, const std::optional<at::Tensor>& b_gate, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_up, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+    int64_t activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> glu_ffn_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, bool has_b_gate, bool has_b_up,
+    bool has_b_down, int64_t activation);
 
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
@@ -197,6 +218,18 @@ std::tuple<at::Tensor, at::Tensor> gelu_ffn_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_ffn_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& preact, const at::Tensor& w1,
     const at::Tensor& w2, bool has_b1, bool has_b2, int64_t activation);
+// glu and glu_ffn on CUDA (glu_ffn's GEMMs on cuBLASLt): the contracts of the CPU entry points above.
+at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
+std::tuple<at::Tensor, at::Tensor> glu_bwd_cuda(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
+                                                int64_t activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_ffn_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& w_gate, const std::optional<at::Tensor>& b_gate, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_up, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+    int64_t activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> glu_ffn_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, bool has_b_gate, bool has_b_up,
+    bool has_b_down, int64_t activation);
 // attention on cuBLAS batched GEMMs around the fused scaled-masked softmax,
 // and that softmax alone: the contracts of the CPU entry points above.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(

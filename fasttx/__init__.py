@@ -13,6 +13,7 @@ from fasttx import nn  # noqa: E402
 from fasttx.ops import (add_layer_norm, bias_gelu, cross_entropy, gelu_ffn, layer_norm, rms_norm,  # noqa: E402
                         scaled_dot_product_attention, softmax)
 from fasttx.ops import apply_rotary  # noqa: E402
+from fasttx.ops import glu, glu_ffn  # noqa: E402
 from fasttx.patching import PatchReport, patch, unpatch  # noqa: E402
 from fasttx.patching.accelerate import accelerate  # noqa: E402
 
@@ -21,3 +22,4 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "bias_gelu", "c
            "add_layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax", "nn", "patch", "unpatch",
            "PatchReport", "__version__", "TORCH_FLOOR"]
 __all__ += ["accelerate", "apply_rotary"]
+__all__ += ["glu", "glu_ffn"]

@@ -17,6 +17,8 @@ CHILD = textwrap.dedent("""
     import torch, torch.nn.functional as F
     import fasttx
     from fasttx.ops.gelu_ffn import gelu_ffn_ref
+    from fasttx.ops.glu import glu_ref
+    from fasttx.ops.glu_ffn import glu_ffn_ref
     import sys
     assert torch.backends.cpu.get_cpu_capability() == sys.argv[1], torch.backends.cpu.get_cpu_capability()
     torch.manual_seed(0)
@@ -25,6 +27,7 @@ CHILD = textwrap.dedent("""
         for n in (1, 7, 1000, 1537):
             x, r, w, b = leaf(5, n), leaf(5, n), leaf(n), leaf(n)
             w1, b1, w2, b2 = leaf(13, n), leaf(13), leaf(n, 13), leaf(n)
+            w1u = leaf(13, n)
             norm_args = (x, r, w, b)
             cases = [
                 (lambda: fasttx.bias_gelu(x, b), lambda: F.gelu(x + b), norm_args),
@@ -37,6 +40,12 @@ CHILD = textwrap.dedent("""
                 (lambda a=a: fasttx.gelu_ffn(x, w1, b1, w2, b2, a), lambda a=a: gelu_ffn_ref(x, w1, b1, w2, b2, a),
                  (x, w1, b1, w2, b2))
                 for a in ("gelu", "gelu_tanh", "relu")
+            ] + [
+                (lambda a=a: fasttx.glu(x, r, a), lambda a=a: glu_ref(x, r, a), (x, r))
+                for a in ("silu", "gelu", "gelu_tanh")
+            ] + [
+                (lambda: fasttx.glu_ffn(x, w1, w1u, w2, "silu", b1, b1, b2),
+                 lambda: glu_ffn_ref(x, w1, w1u, w2, "silu", b1, b1, b2), (x, w1, w1u, w2, b1, b2)),
             ]
             for ours, ref, args in cases:
                 g = torch.randn(5, n, dtype=torch.float64)
@@ -51,15 +60,20 @@ CHILD = textwrap.dedent("""
         # sweep over both tails, within 2x (3x for gradients) PyTorch's own float32 error + 1e-6.
         z = torch.linspace(-12, 12, 24003, dtype=torch.float64).view(3, 8001)
         zb = torch.zeros(8001, dtype=torch.float64)
-        for approx in ("none", "tanh"):
+        glu_cases = [(lambda a, c, act=act: fasttx.glu(a, (c + 1).expand_as(a), act),
+                      lambda a, c, act=act: glu_ref(a, c + 1, act))
+                     for act in ("silu", "gelu", "gelu_tanh")]
+        gelu_cases = [(lambda a, c, ap=ap: fasttx.bias_gelu(a, c, ap), lambda a, c, ap=ap: F.gelu(a + c, approximate=ap))
+                      for ap in ("none", "tanh")]
+        for approx, (ours_fn, ref_fn) in enumerate(gelu_cases + glu_cases):
             def run(fn, dtype):
                 xx = z.to(dtype).requires_grad_()
                 y = fn(xx, zb.to(dtype))
                 (gx,) = torch.autograd.grad(y, xx, torch.ones_like(y))
                 return y.double(), gx.double()
-            ours = run(lambda a, c: fasttx.bias_gelu(a, c, approx), torch.float32)
-            truth = run(lambda a, c: F.gelu(a + c, approximate=approx), torch.float64)
-            torch_f32 = run(lambda a, c: F.gelu(a + c, approximate=approx), torch.float32)
+            ours = run(ours_fn, torch.float32)
+            truth = run(ref_fn, torch.float64)
+            torch_f32 = run(ref_fn, torch.float32)
             for o, t, p, factor in zip(ours, truth, torch_f32, (2, 3)):
                 err, torch_err = (o - t).abs().max().item(), (p - t).abs().max().item()
                 assert err <= factor * torch_err + 1e-6, (approx, err, torch_err)

@@ -18,6 +18,7 @@ from fasttx import backends
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("attention", "bias_gelu", "cross_entropy", "gelu_ffn", "layer_norm", "softmax")
 OPS += ("apply_rotary",)
+OPS += ("glu", "glu_ffn")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

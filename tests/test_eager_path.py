@@ -20,6 +20,7 @@ def _leaves(*shapes):
 def _cases():
     x, r, w, b = _leaves((6, 33), (6, 33), (33,), (33,))
     w1, b1, w2, b2 = _leaves((40, 33), (40,), (33, 40), (33,))
+    w1u = (0.5 * w1 + 0.1).detach().requires_grad_()  # _leaves reseeds: not a copy of w1
     q, k, v = _leaves((2, 4, 9, 16), (2, 2, 11, 16), (2, 2, 11, 16))
     scores = _leaves((2, 3, 9, 11))[0]
     no_seed = torch.zeros((), dtype=torch.int64)
@@ -39,11 +40,14 @@ def _cases():
                       lambda: ops.attention_forward(q, k, v, None, True, 0.25, 0.0, no_seed, "cpu")[0]),
         "softmax": ((scores,), lambda: fasttx.softmax(scores, 0.5, is_causal=True),
                     lambda: ops.softmax_forward(scores, 0.5, None, True, "cpu")),
+        "glu": ((x, r), lambda: fasttx.glu(x, r, "silu"), lambda: ops.glu(x, r, "silu", "cpu")),
+        "glu_ffn": ((x, w1, w1u, w2, b1), lambda: fasttx.glu_ffn(x, w1, w1u, w2, "gelu", b1, None, b2),
+                    lambda: ops.glu_ffn_forward(x, w1, b1, w1u, None, w2, b2, "gelu", "cpu")[0]),
     }
 
 
 @pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "add_layer_norm", "rms_norm", "gelu_ffn", "attention",
-                                "softmax"])
+                                "softmax", "glu", "glu_ffn"])
 def test_eager_path_equals_the_custom_op_bitwise(op):
     skip_unless_runnable("cpu", "cpu")
     leaves, eager_call, op_call = _cases()[op]

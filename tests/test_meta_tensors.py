@@ -32,6 +32,8 @@ def _calls(device):
         "scaled_dot_product_attention": (lambda: fasttx.scaled_dot_product_attention(q, q, q, is_causal=True),
                                          (1, 2, 4, 8), torch.float32),
         "linear": (lambda: linear(x, w1), (2, 3, 16), torch.float32),
+        "glu": (lambda: fasttx.glu(x, x * 2), (2, 3, 8), torch.float32),
+        "glu_ffn": (lambda: fasttx.glu_ffn(x, w1, w1, w2), (2, 3, 8), torch.float32),
     }
 
 

@@ -4,6 +4,8 @@ from fasttx.ops.attention import scaled_dot_product_attention, scaled_dot_produc
 from fasttx.ops.bias_gelu import bias_gelu, bias_gelu_ref
 from fasttx.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from fasttx.ops.gelu_ffn import gelu_ffn, gelu_ffn_ref
+from fasttx.ops.glu import glu, glu_ref
+from fasttx.ops.glu_ffn import glu_ffn, glu_ffn_ref
 from fasttx.ops.softmax import softmax, softmax_ref
 from fasttx.ops.layer_norm import (add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref, rms_norm,
                                    rms_norm_ref)
@@ -12,3 +14,4 @@ __all__ = ["bias_gelu", "bias_gelu_ref", "cross_entropy", "cross_entropy_ref", "
            "rms_norm", "rms_norm_ref", "scaled_dot_product_attention", "scaled_dot_product_attention_ref",
            "softmax", "softmax_ref"]
 __all__ += ["apply_rotary", "apply_rotary_ref"]
+__all__ += ["glu", "glu_ref", "glu_ffn", "glu_ffn_ref"]

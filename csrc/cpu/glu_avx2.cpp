@@ -1,0 +1,8 @@
+// glu_vec.h compiled for AVX2 (see cpu/vec/isa_begin.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#define FASTTX_ISA_AVX2 1
+#include "cpu/vec/isa_begin.h"
+#include "cpu/glu_vec.h"
+#include "cpu/vec/isa_end.h"
