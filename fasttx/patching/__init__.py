@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from fasttx.patching import hf_transformers, torch_modules
+from fasttx.patching.hf_transformers import register_transformers_attention
 from fasttx.patching.spec import Options, Patch
 
 # Each recogniser: (module, Options) -> None (not a candidate), a str (a candidate left
@@ -133,4 +134,4 @@ def unpatch(model: torch.nn.Module) -> int:
     return restored
 
 
-__all__ = ["PatchReport", "patch", "unpatch", "is_patched"]
+__all__ = ["PatchReport", "patch", "unpatch", "is_patched", "register_transformers_attention"]
