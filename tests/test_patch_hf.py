@@ -9,7 +9,7 @@ import torch
 import fasttx
 from fasttx.patching import is_patched
 
-from patch_checks import adamw_losses, assert_loads_through_a_file
+from patch_checks import adamw_losses, assert_loads_through_a_file, assert_report_tells_what_runs
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -25,8 +25,8 @@ def _gpt2(seed=0, **kw):
 
 def _bert(seed=0, **kw):
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                        vocab_size=1000, num_labels=3, **{**NO_DROPOUT_BERT, **kw})
+    config = BertConfig(**{**dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                  vocab_size=1000, num_labels=3), **NO_DROPOUT_BERT, **kw})
     return BertForSequenceClassification(config)
 
 
@@ -325,3 +325,25 @@ def test_patching_gpt2_prints_no_transformers_warning():
         ids = _padded_batch()[0]
         _gpt2(vocab_size=1000)(input_ids=ids, labels=ids)  # unpatched, the warning is still transformers' to give
     assert [m for m in said if "loss_type" in m]
+
+
+@pytest.mark.parametrize("make", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_the_report_lists_what_runs(make):
+    """BERT's output LayerNorms and BertOutput are computed inside the patched BertSelfOutput / BertLayer code:
+    listed as such, not as replaced, and not patched."""
+    _, patched, report = _pair(make, vocab_size=1000)
+    ids, mask = _padded_batch()
+    labels = ids if make is _gpt2 else torch.tensor([0, 2, 1])
+    assert_report_tells_what_runs(patched, report, lambda: patched(input_ids=ids, attention_mask=mask, labels=labels))
+    fused = dict(report.fused)
+    if make is _bert:
+        assert fused == {"bert.encoder.layer.0.attention.output.LayerNorm": "bert.encoder.layer.0.attention.output",
+                         "bert.encoder.layer.0.output": "bert.encoder.layer.0",
+                         "bert.encoder.layer.0.output.LayerNorm": "bert.encoder.layer.0",
+                         "bert.encoder.layer.1.attention.output.LayerNorm": "bert.encoder.layer.1.attention.output",
+                         "bert.encoder.layer.1.output": "bert.encoder.layer.1",
+                         "bert.encoder.layer.1.output.LayerNorm": "bert.encoder.layer.1"}
+        assert "fused       bert.encoder.layer.0.output: computed inside bert.encoder.layer.0's fasttx code" \
+            in str(report)
+    else:
+        assert fused == {}

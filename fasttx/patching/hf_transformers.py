@@ -43,6 +43,7 @@ from fasttx.ops.cross_entropy import cross_entropy_float
 from fasttx.ops.gelu_ffn import gelu_ffn
 from fasttx.ops.layer_norm import add_layer_norm
 from fasttx.patching.spec import Options, Patch, runs_hooks
+from fasttx.patching.torch_modules import computes_layer_norm
 
 ATTENTION_NAME = "fasttx"
 _MASK_FORMATS = ("sdpa", "eager")  # implementations whose masks fasttx's attention takes as they are
@@ -280,6 +281,8 @@ def _is_dense_dropout_norm(module) -> Optional[str]:
     norm = getattr(module, "LayerNorm", None)
     if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
         return "LayerNorm is not a torch.nn.LayerNorm over the last dim"
+    if not computes_layer_norm(norm):
+        return f"LayerNorm is a {type(norm).__name__} with its own forward"
     return None
 
 
@@ -289,7 +292,8 @@ def _bert_add_norm(module, options: Options):
     why = _is_dense_dropout_norm(module)
     if why is not None:
         return why
-    return Patch(_bert_add_norm_methods, (), "dense, then fasttx.add_layer_norm (residual add fused)")
+    return Patch(_bert_add_norm_methods, (), "dense, then fasttx.add_layer_norm (residual add fused)",
+                 fuses=("LayerNorm",))
 
 
 def _bert_add_norm_forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
@@ -319,7 +323,8 @@ def _bert_layer(module, options: Options):
         return "its intermediate activation is not gelu, gelu_tanh or relu"
     return Patch(_bert_layer_methods, (activation, options.layer_norm),
                  f"feed_forward_chunk: fasttx.gelu_ffn ({activation})"
-                 + (" + fasttx.add_layer_norm" if options.layer_norm else ""))
+                 + (" + fasttx.add_layer_norm" if options.layer_norm else ""),
+                 fuses=("output", "output.LayerNorm") if options.layer_norm else ("output",))
 
 
 def _bert_layer_methods(activation: str, fuse_norm: bool) -> dict:
