@@ -5,6 +5,7 @@ gradient (fp32, rtol 1e-4), with and without left padding; generate() with the K
 gradient checkpointing, save_pretrained / from_pretrained and torch.compile(fullgraph=True) work; the report
 lists every RMSNorm and attention replaced, what is left alone and why, and only modules that run.
 Skips when transformers is not installed."""
+import copy
 from unittest import mock
 
 import pytest
@@ -45,9 +46,15 @@ def _make(family, seed=0):
     return AutoModelForCausalLM.from_config(config)
 
 
+_PLAIN = {}
+
+
 def _pair(family):
-    plain, patched = _make(family), _make(family, seed=1)
-    patched.load_state_dict(plain.state_dict())
+    """The unpatched model (built once per family: the tests leave it as it was) and a patched deep copy."""
+    if family not in _PLAIN:
+        _PLAIN[family] = _make(family)
+    plain = _PLAIN[family]
+    patched = copy.deepcopy(plain)
     return plain, patched, fasttx.patch(patched)
 
 
@@ -156,7 +163,9 @@ def test_save_pretrained_and_from_pretrained(family, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_torch_compile_fullgraph(family):
     plain, patched, _ = _pair(family)
-    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")  # raises on any graph break
+    # raises on any graph break; AOT autograd (fasttx's fake kernels, the compiled backward) for Llama, whose
+    # norms and attention are the ops every family uses: dynamo's capture alone for the others, to keep CI fast
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager" if family == "llama" else "eager")
     ids, mask, labels = _batch(padding=True)
     _assert_same_run(_run(compiled, ids, mask, labels), _run(plain, ids, mask, labels), mask)
 

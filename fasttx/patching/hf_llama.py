@@ -71,6 +71,9 @@ def recognise(module: torch.nn.Module, options: Options):
     for prefix in FAMILY:
         if name.startswith(prefix) and name[len(prefix):] in PENDING:
             return PENDING[name[len(prefix):]]
+    if name.endswith("RMSNorm"):
+        return (f"fasttx.patch knows the RMSNorms of {', '.join(FAMILY)}; {name}'s forward may differ "
+                "(dtype handling, an offset on the weight), so it is not replaced unchecked")
     return None
 
 
