@@ -177,6 +177,9 @@ def test_an_rms_norm_whose_forward_is_not_the_known_one_is_left_alone():
         report = fasttx.patch(torch.nn.ModuleList([norm]))
     assert report.replaced == []
     assert "does not compute RMSNorm with weight" in dict(report.left_alone)["0"]
+    gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+    report = fasttx.patch(torch.nn.ModuleList([gemma3.Gemma3RMSNorm(16)]))  # another model's: not checked, not taken
+    assert report.replaced == [] and "fasttx.patch knows the RMSNorms of Llama" in dict(report.left_alone)["0"]
 
 
 def test_qwen3_under_bf16_autocast_gives_the_unpatched_dtypes_and_close_values():
