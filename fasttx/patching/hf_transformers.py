@@ -8,10 +8,14 @@ What each patch swaps:
   - attention (GPT2Attention, BertSelfAttention): transformers' own forward
     stays (projections, cache, cross-attention); it picks its attention
     function through AttentionInterface by ``config._attn_implementation``, so
-    the patched module gets its own copy of the config naming "fasttx", a
-    function that calls fasttx.scaled_dot_product_attention. Masks are the
+    the patched module's config is a FollowingConfig: the model's own, read
+    live, where the implementation the model ran when patched reads "fasttx",
+    a function that calls fasttx.scaled_dot_product_attention (so
+    set_attn_implementation after patching is followed). Masks are the
     ones transformers builds for the model's own implementation (sdpa or
-    eager: bool or additive, 4-D); other implementations are left alone.
+    eager: bool or additive, 4-D); other implementations are left alone. A
+    call that records attention weights (output_attentions=True) runs
+    transformers' eager attention, which forms them.
   - GPT2MLP: c_fc, the activation and c_proj as one gelu_ffn (Conv1D keeps
     its weights as (in, out): they are passed transposed, as views).
   - BertSelfOutput, BertOutput: dense, dropout, then LayerNorm(h + input)
@@ -86,14 +90,19 @@ def register_transformers_attention() -> str:
     return ATTENTION_NAME
 
 
+_COLLECTOR: list = []  # found once: [transformers' output collector, or None]
+
+
 def _output_collector():
     """transformers' record of which outputs (attentions, hidden states) the running forward collects through
     hooks (transformers 5: output_attentions no longer reaches the attention function), or None."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # a transformers that still passes output_attentions down
-        return None
-    return _active_collector
+    if not _COLLECTOR:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # a transformers that still passes output_attentions down
+            _active_collector = None
+        _COLLECTOR.append(_active_collector)
+    return _COLLECTOR[0]
 
 
 def _records_attentions(kwargs) -> bool:
