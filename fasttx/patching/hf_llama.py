@@ -22,10 +22,11 @@ What each patch swaps:
     attention: such a module is left alone and reported.
   - the causal LM loss: hf_transformers' ForCausalLMLoss patch, as for any
     ``*ForCausalLM``.
-Left alone and reported, until the ops they need exist (PENDING below: replace
-an entry with a recogniser when its op lands): the gated MLP (glu_ffn), the
-rotary embedding's application (apply_rotary), and the LM head with its loss
-as one fused linear + cross-entropy (linear_cross_entropy).
+Left alone and reported, until the patch routes them to the ops written for
+them (PENDING below: replace an entry with a recogniser when its op lands):
+the gated MLP (glu_ffn), the rotary embedding's application (apply_rotary),
+and the LM head with its loss as one fused linear + cross-entropy
+(linear_cross_entropy).
 """
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ ATTENTIONS = frozenset(f"{name}Attention" for name in FAMILY)
 # a place for the recogniser that the op brings (issue 26): the MLP as glu_ffn, the rotary application inside
 # the attention forward, the LM head and its loss as linear_cross_entropy (the loss alone is patched already).
 PENDING = {
-    "MLP": "its gated MLP (act(gate_proj(x)) * up_proj(x), then down_proj) runs as transformers' code: fasttx has "
-           "no fused gated FFN (glu_ffn) yet",
+    "MLP": "its gated MLP (act(gate_proj(x)) * up_proj(x), then down_proj) runs as transformers' code: fasttx.patch "
+           "does not route it to a fused gated FFN (glu_ffn) yet",
     "RotaryEmbedding": "rotary embeddings stay transformers' (cos/sin here, applied to q and k inside the attention "
-                       "forward): fasttx has no rotary op (apply_rotary) yet",
+                       "forward): fasttx.patch does not route them to apply_rotary yet",
 }
 
 
