@@ -30,3 +30,37 @@ def adamw_losses(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], to
         opt.step()
         losses.append(loss.item())
     return torch.tensor(losses, dtype=torch.float64)
+
+
+def forward_calls(model: torch.nn.Module, run: Callable[[], object]) -> dict:
+    """How many times each submodule's forward ran during ``run()``, by path. Counted through an instance
+    attribute wrapping its forward, not a hook, so patched code that runs the original code when a hook is
+    set is not sent down that path."""
+    calls = {path: 0 for path, _ in model.named_modules()}
+    wrapped = []
+    for path, module in model.named_modules():
+        def counting(*args, _path=path, _forward=module.forward, **kwargs):
+            calls[_path] += 1
+            return _forward(*args, **kwargs)
+        module.forward = counting
+        wrapped.append(module)
+    try:
+        run()
+    finally:
+        for module in wrapped:
+            del module.forward
+    return calls
+
+
+def assert_report_tells_what_runs(model: torch.nn.Module, report, run: Callable[[], object]) -> None:
+    """Every module the report lists as replaced runs; none it lists as computed inside another does, and none
+    of those is patched."""
+    from fasttx.patching import is_patched
+    calls = forward_calls(model, run)
+    modules = dict(model.named_modules())
+    for path, what in report.replaced:
+        assert calls[path] > 0, f"{path} is listed as replaced ({what}) but never runs"
+    for path, parent in report.fused:
+        assert calls[path] == 0, f"{path} is listed as computed inside {parent} but its forward runs"
+        assert not is_patched(modules[path]), path
+        assert parent in dict(report.replaced)

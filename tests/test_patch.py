@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fasttx
 from fasttx.patching import is_patched
 
-from patch_checks import adamw_losses, assert_loads_through_a_file
+from patch_checks import adamw_losses, assert_loads_through_a_file, assert_report_tells_what_runs
 
 D_MODEL, N_HEADS, D_HIDDEN = 64, 4, 96
 
@@ -49,10 +49,13 @@ def _assert_same(plain, patched, x, rtol=1e-5, atol=2e-5, **kw):
 @pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
 def test_encoder_stack_matches_unpatched(norm_first, activation, batch_first):
     plain, patched, report = _pair(norm_first=norm_first, activation=activation, batch_first=batch_first)
-    assert [path for path, _ in report.replaced] == [
-        "layers.0", "layers.0.norm1", "layers.0.norm2", "layers.1", "layers.1.norm1", "layers.1.norm2"]
+    assert [path for path, _ in report.replaced] == ["layers.0", "layers.1"]
+    # the norms are computed inside the layers' fused code (add_layer_norm): not patched, not listed as replaced
+    assert report.fused == [("layers.0.norm1", "layers.0"), ("layers.0.norm2", "layers.0"),
+                            ("layers.1.norm1", "layers.1"), ("layers.1.norm2", "layers.1")]
     x = torch.randn(3, 29, D_MODEL) if batch_first else torch.randn(29, 3, D_MODEL)
     _assert_same(plain, patched, x)
+    assert_report_tells_what_runs(patched, report, lambda: patched(x))
 
 
 def test_padding_and_causal_masks_match_unpatched():
@@ -178,3 +181,44 @@ def test_torch_compile_fullgraph_of_a_patched_stack():
 def test_patch_rejects_what_is_not_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
         fasttx.patch({})
+
+
+def test_a_layer_norm_subclass_with_its_own_forward_keeps_its_layer_unfused():
+    class OwnNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    layer = torch.nn.TransformerEncoderLayer(D_MODEL, N_HEADS, D_HIDDEN, batch_first=True)
+    layer.norm1 = OwnNorm(D_MODEL)
+    report = fasttx.patch(layer)
+    assert report.replaced == [("norm2", "fasttx.layer_norm")]
+    reasons = dict(report.left_alone)
+    assert reasons.keys() == {"", "norm1"} and reasons[""] == "norm1 is a OwnNorm with its own forward"
+    assert reasons["norm1"].endswith("OwnNorm subclasses torch.nn.LayerNorm with its own forward")
+
+
+class _OwnLayerNorm(torch.nn.Module):
+    """nanoGPT's: its own module calling F.layer_norm, which no recogniser knows."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+        self.bias = torch.nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def test_a_model_with_nothing_to_patch_says_so():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), _OwnLayerNorm(16), torch.nn.GELU())
+    report = fasttx.patch(model)
+    assert report.found_nothing and report.replaced == report.left_alone == report.fused == []
+    text = str(report)
+    assert text.startswith("fasttx.patch: 0 module(s) replaced, 0 left alone\n")
+    assert "found nothing to patch in Sequential" in text and "fasttx.accelerate()" in text
+
+
+def test_a_model_with_only_candidates_left_alone_says_nothing_was_replaced():
+    report = fasttx.patch(torch.nn.Sequential(torch.nn.LayerNorm(8)), layer_norm=False)
+    assert not report.found_nothing
+    assert "nothing was replaced" in str(report) and "left alone  0: layer_norm=False" in str(report)

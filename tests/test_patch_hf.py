@@ -1,13 +1,15 @@
 """fasttx.patch on Hugging Face GPT-2 and BERT (random weights from a config, offline): the same
 logits, every parameter's gradient, 30 AdamW steps and state_dicts as unpatched; torch.compile;
 what is left alone and why. Skips when transformers is not installed."""
+from unittest import mock
+
 import pytest
 import torch
 
 import fasttx
 from fasttx.patching import is_patched
 
-from patch_checks import adamw_losses, assert_loads_through_a_file
+from patch_checks import adamw_losses, assert_loads_through_a_file, assert_report_tells_what_runs
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -23,8 +25,8 @@ def _gpt2(seed=0, **kw):
 
 def _bert(seed=0, **kw):
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                        vocab_size=1000, num_labels=3, **{**NO_DROPOUT_BERT, **kw})
+    config = BertConfig(**{**dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                                  vocab_size=1000, num_labels=3), **NO_DROPOUT_BERT, **kw})
     return BertForSequenceClassification(config)
 
 
@@ -166,16 +168,6 @@ def test_what_is_left_alone_is_reported():
     assert "is not gelu, gelu_tanh or relu" in reasons["transformer.h.0.mlp"]
 
 
-def test_output_attentions_gives_what_sdpa_gives():
-    """transformers' sdpa attention forms no weights either: never fake ones."""
-    plain, patched, _ = _pair(_gpt2)
-    ids = _padded_batch()[0]
-    want = plain(input_ids=ids, output_attentions=True).attentions
-    got = patched(input_ids=ids, output_attentions=True).attentions
-    assert len(got) == len(want) and all(w is None or w.numel() == 0 for w in want) and all(
-        g is None or g.numel() == 0 for g in got)
-
-
 def test_torch_compile_fullgraph_of_patched_gpt2_runs_forward_and_backward():
     plain, patched, _ = _pair(_gpt2)
     ids = _padded_batch()[0]
@@ -231,3 +223,127 @@ def test_patched_gpt2_generates_the_same_tokens_with_a_kv_cache():
         want = plain.generate(ids, **kw)
         got = patched.generate(ids, **kw)
     assert torch.equal(got, want)
+
+
+# ---- what patching used to break (issue 26, item 4) -------------------------------------------------------------
+
+def _left_padded_batch(vocab=1000):
+    torch.manual_seed(3)
+    ids = torch.randint(1, vocab, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    mask[2, :9] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_output_attentions_returns_the_eager_weights():
+    """transformers 5 no longer passes output_attentions to the attention function: the patched attention sees
+    that the caller records attentions and computes that call with eager attention, weights included."""
+    plain, patched, _ = _pair(_gpt2, vocab_size=1000)
+    ids, mask = _padded_batch()
+    plain.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = plain(input_ids=ids, attention_mask=mask, output_attentions=True)
+        got = patched(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == 2
+    keep = mask.bool()[:, None, :, None]  # the real query rows (eager gives padded rows weights of its own)
+    for g, w in zip(got.attentions, want.attentions):
+        assert g.shape == w.shape == (3, 4, 24, 24)
+        torch.testing.assert_close(g * keep, w * keep, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits * mask.bool()[..., None], want.logits * mask.bool()[..., None],
+                               rtol=1e-5, atol=1e-5)
+    # the next call without it runs fasttx's attention again, and its logits are sdpa's
+    with torch.no_grad():
+        again = patched(input_ids=ids).logits
+        plain.set_attn_implementation("sdpa")
+        torch.testing.assert_close(again, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def _attention_calls(model, **inputs):
+    """How many times fasttx's attention function ran in one forward of ``model``."""
+    from fasttx.patching import hf_transformers
+    calls = []
+    real = hf_transformers.scaled_dot_product_attention
+    hf_transformers.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hf_transformers.scaled_dot_product_attention = real
+    return len(calls)
+
+
+def test_set_attn_implementation_after_patching_is_followed_both_ways():
+    plain, patched, _ = _pair(_gpt2, vocab_size=1000)
+    ids, mask = _padded_batch()
+    assert _attention_calls(patched, input_ids=ids) == 2
+    patched.set_attn_implementation("eager")
+    assert _attention_calls(patched, input_ids=ids) == 0  # transformers' eager attention now
+    plain.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = plain(input_ids=ids, output_attentions=True)
+        got = patched(input_ids=ids, output_attentions=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+    assert len(got.attentions) == 2
+    patched.set_attn_implementation("sdpa")  # back to what it was patched over: fasttx's again
+    assert _attention_calls(patched, input_ids=ids) == 2
+    plain.set_attn_implementation("sdpa")
+    _assert_same(plain, patched, input_ids=ids, attention_mask=mask)
+
+
+def test_a_model_built_with_attn_implementation_fasttx_masks_padding():
+    from fasttx.patching import register_transformers_attention
+    assert register_transformers_attention() == "fasttx"
+    plain = _gpt2(vocab_size=1000)
+    torch.manual_seed(0)
+    own = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1000, attn_implementation="fasttx",
+                                     **NO_DROPOUT_GPT2))
+    own.load_state_dict(plain.state_dict())
+    assert own.config._attn_implementation == "fasttx"
+    assert _attention_calls(own, input_ids=_padded_batch()[0]) == 2
+    ids, mask = _left_padded_batch()
+    keep = mask.bool()[..., None]
+    with torch.no_grad():
+        want = plain(input_ids=ids, attention_mask=mask).logits
+        got = own(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got * keep, want * keep, rtol=1e-5, atol=1e-5)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(own.generate(ids, **kw), plain.generate(ids, **kw))
+
+
+def test_patching_gpt2_prints_no_transformers_warning():
+    """transformers' loss_function property warns (once per process) that GPT2LMHeadModel has no loss_type: the
+    patch must not read that property to find the loss, or the warning shows on patching (and, being once, is
+    gone when the unpatched model would have said it)."""
+    import logging
+    said = []
+    record = lambda self, *args, **kwargs: said.append(str(args[0]) if args else "")  # noqa: E731
+    with mock.patch.object(logging.Logger, "warning_once", record):
+        fasttx.patch(_gpt2(vocab_size=1000))
+        assert not [m for m in said if "loss_type" in m], said
+        ids = _padded_batch()[0]
+        _gpt2(vocab_size=1000)(input_ids=ids, labels=ids)  # unpatched, the warning is still transformers' to give
+    assert [m for m in said if "loss_type" in m]
+
+
+@pytest.mark.parametrize("make", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_the_report_lists_what_runs(make):
+    """BERT's output LayerNorms and BertOutput are computed inside the patched BertSelfOutput / BertLayer code:
+    listed as such, not as replaced, and not patched."""
+    _, patched, report = _pair(make, vocab_size=1000)
+    ids, mask = _padded_batch()
+    labels = ids if make is _gpt2 else torch.tensor([0, 2, 1])
+    assert_report_tells_what_runs(patched, report, lambda: patched(input_ids=ids, attention_mask=mask, labels=labels))
+    fused = dict(report.fused)
+    if make is _bert:
+        assert fused == {"bert.encoder.layer.0.attention.output.LayerNorm": "bert.encoder.layer.0.attention.output",
+                         "bert.encoder.layer.0.output": "bert.encoder.layer.0",
+                         "bert.encoder.layer.0.output.LayerNorm": "bert.encoder.layer.0",
+                         "bert.encoder.layer.1.attention.output.LayerNorm": "bert.encoder.layer.1.attention.output",
+                         "bert.encoder.layer.1.output": "bert.encoder.layer.1",
+                         "bert.encoder.layer.1.output.LayerNorm": "bert.encoder.layer.1"}
+        assert "fused       bert.encoder.layer.0.output: computed inside bert.encoder.layer.0's fasttx code" \
+            in str(report)
+    else:
+        assert fused == {}

@@ -49,7 +49,10 @@ def check_bool(op: str, name: str, value) -> None:
 
 def check_real(op: str, name: str, value, low=None, high=None, none_ok=False) -> None:
     """A finite int or float in [low, high] (either bound may be None), or None where none_ok."""
-    if type(value) is float and math.isfinite(value) and (low is None or value >= low) \
+    # value - value == 0: finite, written as a comparison because torch.compile traces a float that differs
+    # between compiled calls (two models' norm eps) as a SymFloat whose type reads float: a comparison of it is
+    # a guard, math.isfinite of it a graph break
+    if type(value) is float and value - value == 0 and (low is None or value >= low) \
             and (high is None or value <= high):
         return  # the common case first: a norm's whole Python path is a few microseconds
     if value is None and none_ok:

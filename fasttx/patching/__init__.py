@@ -17,8 +17,9 @@ A module that looks like a candidate but is not recognised is left alone and
 reported, never half-patched.
 
 The recognisers live one file per source of modules:
-    torch_modules.py   torch.nn.LayerNorm, torch.nn.TransformerEncoderLayer
-    hf_transformers.py Hugging Face GPT-2 and BERT (when transformers is installed)
+    torch_modules.py   torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.TransformerEncoderLayer
+    hf_transformers.py Hugging Face GPT-2 and BERT, and the causal LM loss (when transformers is installed)
+    hf_llama.py        Hugging Face's LLaMA family: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3
 """
 from __future__ import annotations
 
@@ -27,36 +28,65 @@ from typing import Callable
 
 import torch
 
-from fasttx.patching import hf_transformers, torch_modules
+from fasttx.patching import hf_llama, hf_transformers, torch_modules
+from fasttx.patching.hf_transformers import register_transformers_attention
 from fasttx.patching.spec import Options, Patch
 
 # Each recogniser: (module, Options) -> None (not a candidate), a str (a candidate left
 # alone, and why), or a Patch. Checked in order; the first that answers decides.
-RECOGNISERS = (torch_modules.recognise, hf_transformers.recognise)
+RECOGNISERS = (torch_modules.recognise, hf_transformers.recognise, hf_llama.recognise)
 
 
 @dataclass
 class PatchReport:
+    """What fasttx.patch did: ``replaced`` lists each module whose class it changed, and what now computes it;
+    ``fused`` each candidate that a replaced parent's code computes itself (it is not patched: its own forward
+    does not run while the parent's fasttx code does); ``left_alone`` each candidate it did not touch, and why.
+    Modules fasttx has nothing for (a Linear, a Dropout) are not listed."""
     replaced: list = field(default_factory=list)    # (module path, what now computes it)
     left_alone: list = field(default_factory=list)  # (module path, why)
+    fused: list = field(default_factory=list)       # (module path, the replaced module whose code computes it)
+    model: str = ""                                 # the patched model's class name
+
+    @property
+    def found_nothing(self) -> bool:
+        return not (self.replaced or self.left_alone or self.fused)
 
     def __str__(self) -> str:
-        lines = [f"fasttx.patch: {len(self.replaced)} module(s) replaced, {len(self.left_alone)} left alone"]
+        head = f"fasttx.patch: {len(self.replaced)} module(s) replaced, {len(self.left_alone)} left alone"
+        if self.fused:
+            head += f", {len(self.fused)} computed inside a replaced module"
+        lines = [head]
+        if self.found_nothing:
+            lines.append(NOTHING_FOUND.format(model=self.model or "the model"))
+        elif not self.replaced:
+            lines.append("  nothing was replaced: the model runs as before (the reasons follow)")
         lines += [f"  replaced    {path or '<root>'}: {what}" for path, what in self.replaced]
+        lines += [f"  fused       {path}: computed inside {parent or '<root>'}'s fasttx code"
+                  for path, parent in self.fused]
         lines += [f"  left alone  {path or '<root>'}: {why}" for path, why in self.left_alone]
         return "\n".join(lines)
+
+
+NOTHING_FOUND = (
+    "  found nothing to patch in {model}: fasttx.patch recognises modules by their type (torch.nn.LayerNorm, "
+    "torch.nn.RMSNorm, torch.nn.TransformerEncoderLayer, and Hugging Face GPT-2, BERT and LLaMA-family modules), "
+    "and this model has none of them. A model whose own modules call torch.nn.functional (a LayerNorm class "
+    "calling F.layer_norm, attention calling F.scaled_dot_product_attention inline, as nanoGPT's) is not "
+    "patched: run it inside `with fasttx.accelerate():` instead, which routes those calls to fasttx's ops")
 
 
 _PATCHED_CLASSES: dict = {}
 _SAVED_ATTRIBUTES = "_fasttx_saved_attributes"
 
 
-def _patched_class(original: type, methods: Callable[..., dict], args: tuple) -> type:
+def _patched_class(original: type, methods: Callable[..., dict], args: tuple, fuses: tuple = ()) -> type:
     """One subclass per (class, methods, args), so identical modules share a class (and compiled code)."""
-    key = (original, methods, args)
+    key = (original, methods, args, fuses)
     if key not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[key] = type(original.__name__, (original,), {
-            **methods(*args), "_fasttx_original_class": original, "_fasttx_methods": (methods, args),
+            **methods(*args), "_fasttx_original_class": original, "_fasttx_methods": (methods, args, fuses),
+            "_fasttx_fuses": fuses,
             "__reduce_ex__": _reduce_ex, "__prepare_scriptable__": _refuse_scripting,
             "__module__": original.__module__, "__qualname__": original.__qualname__})
     return _PATCHED_CLASSES[key]
@@ -70,8 +100,8 @@ def _reduce_ex(self, protocol):
     return _new_patched, (cls._fasttx_original_class, *cls._fasttx_methods), self.__getstate__()
 
 
-def _new_patched(original: type, methods: Callable[..., dict], args: tuple) -> torch.nn.Module:
-    cls = _patched_class(original, methods, args)
+def _new_patched(original: type, methods: Callable[..., dict], args: tuple, fuses: tuple = ()) -> torch.nn.Module:
+    cls = _patched_class(original, methods, args, fuses)
     return cls.__new__(cls)
 
 
@@ -89,7 +119,7 @@ def _apply(module: torch.nn.Module, found: Patch) -> None:
         module.__dict__[_SAVED_ATTRIBUTES] = {name: getattr(module, name) for name in found.attributes}
         for name, value in found.attributes.items():
             setattr(module, name, value)
-    module.__class__ = _patched_class(type(module), found.methods, found.args)
+    module.__class__ = _patched_class(type(module), found.methods, found.args, tuple(found.fuses))
 
 
 def is_patched(module: torch.nn.Module) -> bool:
@@ -103,20 +133,27 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fasttx.patch: model must be a torch.nn.Module, got {type(model).__name__}")
     options = Options(layer_norm, attention, ffn, loss)
-    report = PatchReport()
+    report = PatchReport(model=type(model).__name__)
+    fused_into: dict = {}  # path of a submodule a replaced module's code computes -> that module's path
     for path, module in model.named_modules():
         if is_patched(module):
             report.left_alone.append((path, "already patched"))
+            for name in type(module).__dict__["_fasttx_fuses"]:
+                fused_into[f"{path}.{name}" if path else name] = path
             continue
         for recognise in RECOGNISERS:
             found = recognise(module, options)
             if found is None:
                 continue
-            if isinstance(found, str):
+            if path in fused_into:
+                report.fused.append((path, fused_into[path]))
+            elif isinstance(found, str):
                 report.left_alone.append((path, found))
             else:
                 _apply(module, found)
                 report.replaced.append((path, found.what))
+                for name in found.fuses:
+                    fused_into[f"{path}.{name}" if path else name] = path
             break
     return report
 
@@ -133,4 +170,4 @@ def unpatch(model: torch.nn.Module) -> int:
     return restored
 
 
-__all__ = ["PatchReport", "patch", "unpatch", "is_patched"]
+__all__ = ["PatchReport", "patch", "unpatch", "is_patched", "register_transformers_attention"]

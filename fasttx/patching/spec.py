@@ -25,6 +25,10 @@ class Patch:
     args: tuple
     what: str
     attributes: dict = field(default_factory=dict)
+    # Submodules (paths relative to this module) that the patched code computes itself, never calling them
+    # (but in a call that runs the original code, as when one has a hook): they are not patched, and the
+    # report lists them as computed inside this one, not as replaced.
+    fuses: tuple = ()
 
 
 def runs_hooks(*modules) -> bool:

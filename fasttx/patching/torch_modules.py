@@ -1,4 +1,4 @@
-"""Recognisers for torch's own modules: torch.nn.LayerNorm and torch.nn.TransformerEncoderLayer.
+"""Recognisers for torch's own modules: torch.nn.LayerNorm, torch.nn.RMSNorm and torch.nn.TransformerEncoderLayer.
 
 A patched TransformerEncoderLayer computes what torch's does, with the QKV
 projection feeding fasttx's flash attention, the FFN as one gelu_ffn, and the
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.gelu_ffn import gelu_ffn
-from fasttx.ops.layer_norm import add_layer_norm, layer_norm
+from fasttx.ops.layer_norm import add_layer_norm, layer_norm, rms_norm
 from fasttx.patching.spec import Options, Patch, runs_hooks
 
 _RELU, _GELU = 1, 2  # TransformerEncoderLayer.activation_relu_or_gelu
@@ -43,6 +43,12 @@ def recognise(module: torch.nn.Module, options: Options):
         if not options.layer_norm:
             return "layer_norm=False"
         return Patch(_layer_norm_methods, (), "fasttx.layer_norm")
+    if isinstance(module, torch.nn.RMSNorm):
+        if kind.forward is not torch.nn.RMSNorm.forward:
+            return f"{kind.__qualname__} subclasses torch.nn.RMSNorm with its own forward"
+        if not options.layer_norm:
+            return "layer_norm=False"
+        return Patch(_rms_norm_methods, (), "fasttx.rms_norm")
     if isinstance(module, torch.nn.TransformerEncoderLayer):
         if kind.forward is not torch.nn.TransformerEncoderLayer.forward:
             return f"{kind.__qualname__} subclasses torch.nn.TransformerEncoderLayer with its own forward"
@@ -51,11 +57,20 @@ def recognise(module: torch.nn.Module, options: Options):
             return why
         parts = [name for name, on in (("flash attention", options.attention), ("fused FFN", options.ffn),
                                        ("add_layer_norm", options.layer_norm)) if on]
-        return Patch(_encoder_layer_methods, (options,), "fasttx " + ", ".join(parts))
+        return Patch(_encoder_layer_methods, (options,), "fasttx " + ", ".join(parts),
+                     fuses=("norm1", "norm2") if options.layer_norm else ())
     return None
 
 
 # ---- LayerNorm -------------------------------------------------------------------
+
+def computes_layer_norm(norm) -> bool:
+    """Whether ``norm`` computes F.layer_norm with its own parameters: torch's LayerNorm or fasttx's, not a
+    subclass with a forward of its own (which a parent computing the norm itself would skip)."""
+    from fasttx.nn import LayerNorm
+    return isinstance(norm, torch.nn.LayerNorm) and (type(norm).forward is torch.nn.LayerNorm.forward
+                                                     or isinstance(norm, LayerNorm))
+
 
 def _layer_norm_forward(self, input: Tensor) -> Tensor:
     return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -63,6 +78,14 @@ def _layer_norm_forward(self, input: Tensor) -> Tensor:
 
 def _layer_norm_methods() -> dict:
     return {"forward": _layer_norm_forward}
+
+
+def _rms_norm_forward(self, x: Tensor) -> Tensor:
+    return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+def _rms_norm_methods() -> dict:
+    return {"forward": _rms_norm_forward}
 
 
 # ---- TransformerEncoderLayer -----------------------------------------------------
@@ -83,6 +106,8 @@ def _encoder_layer_why_not(layer, options: Options) -> Optional[str]:
         norm = getattr(layer, name, None)
         if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
             return f"{name} is not a LayerNorm over the last dim"
+        if not computes_layer_norm(norm):
+            return f"{name} is a {type(norm).__name__} with its own forward"
     for name in ("linear1", "linear2"):
         if not isinstance(getattr(layer, name, None), torch.nn.Linear):
             return f"{name} is not a torch.nn.Linear"

@@ -1,0 +1,206 @@
+"""fasttx.patch on Hugging Face's LLaMA family: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and Phi-3, each as
+far as the installed transformers has it, from a tiny random config (2 layers, hidden 64, vocab 128, 4 query and
+2 key/value heads, no dropout, offline). Patched and unpatched give the same logits, loss and every parameter
+gradient (fp32, rtol 1e-4), with and without left padding; generate() with the KV cache gives the same tokens;
+gradient checkpointing, save_pretrained / from_pretrained and torch.compile(fullgraph=True) work; the report
+lists every RMSNorm and attention replaced, what is left alone and why, and only modules that run.
+Skips when transformers is not installed."""
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+import fasttx
+from fasttx.patching import hf_llama, is_patched
+
+from patch_checks import assert_report_tells_what_runs
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+
+VOCAB = 128
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=VOCAB, max_position_embeddings=64, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2, tie_word_embeddings=False)
+# Per family: what its tiny config needs, and a sliding window shorter than the batch where the family has one,
+# so that the window is in the masks fasttx's attention takes.
+FAMILIES = {
+    "llama": {},
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "qwen3": dict(head_dim=16),
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5),  # attention logits soft-capped
+    "phi3": dict(resid_pdrop=0.0, embd_pdrop=0.0),
+}
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def _make(family, seed=0):
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
+    return AutoModelForCausalLM.from_config(config)
+
+
+_PLAIN = {}
+
+
+def _pair(family):
+    """The unpatched model (built once per family: the tests leave it as it was) and a patched deep copy."""
+    if family not in _PLAIN:
+        _PLAIN[family] = _make(family)
+    plain = _PLAIN[family]
+    patched = copy.deepcopy(plain)
+    return plain, patched, fasttx.patch(patched)
+
+
+def _batch(padding: bool):
+    """Token ids (3, 11), the attention mask (left padding in rows 1 and 2, or None) and labels (-100 on pads)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (3, 11), generator=gen)
+    if not padding:
+        return ids, None, ids
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :8] = 0
+    return ids.masked_fill(mask == 0, 0), mask, ids.masked_fill(mask == 0, -100)
+
+
+def _run(model, ids, mask, labels):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the parameters by their own names
+    return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in module.named_parameters()}
+
+
+def _assert_same_run(got, want, mask):
+    keep = torch.ones(got[0].shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    # logits of the real tokens: a padded query row sees no key, and what it gives is each kernel's own
+    torch.testing.assert_close(got[0][keep], want[0][keep], rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=RTOL, atol=0)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        assert got[2][name] is not None, name
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_report_lists_every_norm_and_attention_and_only_what_runs(family):
+    _, patched, report = _pair(family)
+    replaced, left_alone = dict(report.replaced), dict(report.left_alone)
+    modules = dict(patched.named_modules())
+    norms = [path for path, m in modules.items() if type(m).__name__ in hf_llama.RMS_NORMS]
+    attentions = [path for path, m in modules.items() if type(m).__name__ in hf_llama.ATTENTIONS]
+    assert len(norms) >= 5 and len(attentions) == 2
+    for path in norms:
+        assert replaced[path].startswith("fasttx.rms_norm"), path
+        assert ("(1 + weight)" in replaced[path]) == family.startswith("gemma")
+    if family == "qwen3":
+        assert "model.layers.0.self_attn.q_norm" in replaced and "model.layers.1.self_attn.k_norm" in replaced
+    for path in attentions:
+        if family == "gemma2":  # fasttx's attention computes no logit softcapping
+            assert "soft-capped" in left_alone[path] and path not in replaced
+        else:
+            assert "AttentionInterface" in replaced[path]
+    assert replaced[""].startswith("loss_function: fasttx.cross_entropy")
+    assert "glu_ffn" in left_alone["model.layers.0.mlp"] and "apply_rotary" in left_alone["model.rotary_emb"]
+    assert report.fused == []
+    ids, mask, labels = _batch(padding=True)
+    assert_report_tells_what_runs(patched, report, lambda: patched(input_ids=ids, attention_mask=mask, labels=labels))
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_logits_loss_and_gradients(family, padding):
+    plain, patched, _ = _pair(family)
+    ids, mask, labels = _batch(padding)
+    _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_the_kv_cache_gives_the_same_tokens(family):
+    plain, patched, _ = _pair(family)
+    ids, mask, _ = _batch(padding=True)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = plain.generate(ids, **kw)
+        got = patched.generate(ids, **kw)
+    assert got.shape == (3, 17) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing(family):
+    plain, patched, _ = _pair(family)
+    ids, mask, labels = _batch(padding=True)
+    want = _run(plain, ids, mask, labels)
+    enable = getattr(patched, "activation_checkpointing_enable", None) or patched.gradient_checkpointing_enable
+    enable()
+    patched.train()
+    assert patched.model.gradient_checkpointing
+    _assert_same_run(_run(patched, ids, mask, labels), want, mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_and_from_pretrained(family, tmp_path):
+    plain, patched, report = _pair(family)
+    patched.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(is_patched(m) for m in loaded.modules())
+    assert loaded.config._attn_implementation == plain.config._attn_implementation  # "fasttx" is not saved
+    assert list(loaded.state_dict()) == list(plain.state_dict())
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert [path for path, _ in fasttx.patch(loaded).replaced] == [path for path, _ in report.replaced]
+    ids, mask, labels = _batch(padding=True)
+    _assert_same_run(_run(loaded, ids, mask, labels), _run(plain, ids, mask, labels), mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_fullgraph(family):
+    plain, patched, _ = _pair(family)
+    # raises on any graph break; AOT autograd (fasttx's fake kernels, the compiled backward) for Llama, whose
+    # norms and attention are the ops every family uses: dynamo's capture alone for the others, to keep CI fast
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager" if family == "llama" else "eager")
+    ids, mask, labels = _batch(padding=True)
+    _assert_same_run(_run(compiled, ids, mask, labels), _run(plain, ids, mask, labels), mask)
+
+
+def test_an_rms_norm_whose_forward_is_not_the_known_one_is_left_alone():
+    from transformers.models.llama import modeling_llama
+    norm = modeling_llama.LlamaRMSNorm(16)
+    with mock.patch.object(modeling_llama.LlamaRMSNorm, "forward", lambda self, x: x * self.weight):
+        report = fasttx.patch(torch.nn.ModuleList([norm]))
+    assert report.replaced == []
+    assert "does not compute RMSNorm with weight" in dict(report.left_alone)["0"]
+    gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+    report = fasttx.patch(torch.nn.ModuleList([gemma3.Gemma3RMSNorm(16)]))  # another model's: not checked, not taken
+    assert report.replaced == [] and "fasttx.patch knows the RMSNorms of Llama" in dict(report.left_alone)["0"]
+
+
+def test_qwen3_under_bf16_autocast_gives_the_unpatched_dtypes_and_close_values():
+    """The norms return what transformers' do under autocast: Qwen3's q/k norms get bf16 projections and fp32
+    weights, and return fp32 (weight * normalized.to(bf16)); Gemma's norms return their input's dtype."""
+    for family in ("qwen3", "gemma"):
+        plain, patched, _ = _pair(family)
+        ids, mask, labels = _batch(padding=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = plain(input_ids=ids, attention_mask=mask, labels=labels)
+            got = patched(input_ids=ids, attention_mask=mask, labels=labels)
+        assert got.logits.dtype == want.logits.dtype
+        keep = mask.bool()
+        torch.testing.assert_close(got.logits[keep].float(), want.logits[keep].float(), rtol=0.05, atol=0.05)
+        torch.testing.assert_close(got.loss, want.loss, rtol=0.02, atol=0)
+
+
+def test_rms_norm_compiles_without_a_graph_break_when_eps_changes_between_calls():
+    """torch.compile traces a float argument that changed since the last compile as a SymFloat (two models'
+    norm eps, 1e-6 then 1e-5): fasttx.rms_norm's argument check must take it without a graph break."""
+    compiled = torch.compile(lambda x, eps: fasttx.rms_norm(x, (8,), None, eps), fullgraph=True, backend="eager")
+    x = torch.randn(3, 8)
+    for eps in (1e-6, 1e-5, 1e-3):
+        torch.testing.assert_close(compiled(x, eps), torch.nn.functional.rms_norm(x, (8,), None, eps))
