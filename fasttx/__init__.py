@@ -13,8 +13,10 @@ from fasttx import nn  # noqa: E402
 from fasttx.ops import (add_layer_norm, bias_gelu, cross_entropy, gelu_ffn, layer_norm, rms_norm,  # noqa: E402
                         scaled_dot_product_attention, softmax)
 from fasttx.patching import PatchReport, patch, unpatch  # noqa: E402
+from fasttx.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "bias_gelu", "cross_entropy", "gelu_ffn", "layer_norm",
            "add_layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax", "nn", "patch", "unpatch",
            "PatchReport", "__version__", "TORCH_FLOOR"]
+__all__ += ["linear_cross_entropy"]

@@ -5,3 +5,5 @@ from fasttx.nn.normalization import LayerNorm, RMSNorm
 from fasttx.nn.transformer import TransformerBlock
 
 __all__ = ["GELUFFN", "LayerNorm", "MultiheadSelfAttention", "RMSNorm", "TransformerBlock"]
+from fasttx.nn.linear_cross_entropy import LinearCrossEntropy  # noqa: E402
+__all__ += ["LinearCrossEntropy"]

@@ -10,3 +10,5 @@ from fasttx.ops.layer_norm import (add_layer_norm, add_layer_norm_ref, layer_nor
 __all__ = ["bias_gelu", "bias_gelu_ref", "cross_entropy", "cross_entropy_ref", "gelu_ffn", "gelu_ffn_ref", "layer_norm", "layer_norm_ref", "add_layer_norm", "add_layer_norm_ref",
            "rms_norm", "rms_norm_ref", "scaled_dot_product_attention", "scaled_dot_product_attention_ref",
            "softmax", "softmax_ref"]
+from fasttx.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref  # noqa: E402
+__all__ += ["linear_cross_entropy", "linear_cross_entropy_ref"]
