@@ -50,6 +50,7 @@ GPU_CASES = {
     "softmax": [{"shape": (4, 12, 1024, 1024)}],
     "cross_entropy": [{"shape": (4096, 32000)}],
 }
+GPU_CASES["linear_cross_entropy"] = [{"tokens": 8192, "d": 2048, "vocab": 32000}]
 DTYPES = ("float32", "bfloat16")
 # The backend in a test id: "cuda-<backend>" (backend_params), else a bare backend parameter.
 BACKEND_IN_ID = (re.compile(r"\bcuda-(triton|cuda|torch)\b"), re.compile(r"(?<=[\[-])(triton|cuda|torch)(?=[-\]])"))

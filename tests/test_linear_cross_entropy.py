@@ -249,6 +249,22 @@ def test_module_matches_linear_then_cross_entropy_and_loads_lm_head():
         fasttx.nn.LinearCrossEntropy(12, 0)
 
 
+def test_module_compiles_fullgraph():
+    torch.manual_seed(0)
+    module = fasttx.nn.LinearCrossEntropy(16, 37, bias=True, softcap=5.0)
+    hidden, target = torch.randn(3, 5, 16), torch.randint(0, 37, (3, 5))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (module, compiled):
+        module.zero_grad()
+        leaf = hidden.clone().requires_grad_()
+        loss = fn(leaf, target)
+        loss.backward()
+        results.append([loss.detach(), leaf.grad] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda h, w, t: fasttx.linear_cross_entropy(h, w[:, :3], t), ValueError, r"weight must have shape \(vocab, 4\)"),
     (lambda h, w, t: fasttx.linear_cross_entropy(h, w, t, torch.zeros(5)), ValueError, r"bias must have shape \(7,\)"),

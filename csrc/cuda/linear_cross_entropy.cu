@@ -134,6 +134,16 @@ __global__ void __launch_bounds__(kThreads) lce_rows_kernel(T* __restrict__ x, c
   }
 }
 
+template <typename T>
+void launch_rows(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& grad_rows,
+                 int64_t rows, int64_t vocab, int64_t ignore_index, double label_smoothing, double softcap,
+                 at::Tensor& loss, at::Tensor& lse, int64_t blocks) {
+  lce_rows_kernel<T><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      logits.data_ptr<T>(), target.data_ptr<int64_t>(), grad_rows ? grad_rows->data_ptr<float>() : nullptr, rows,
+      vocab, ignore_index, static_cast<float>(label_smoothing), static_cast<float>(softcap), loss.data_ptr<float>(),
+      lse.data_ptr<float>());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_rows_cuda(const at::Tensor& logits, const at::Tensor& target,
@@ -160,13 +170,17 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_rows_cuda(const at::Tens
   auto lse = at::empty({rows}, logits.options().dtype(at::kFloat));
   if (rows == 0) return {loss, lse};
   const int64_t blocks = std::min<int64_t>(rows, 65535);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "linear_cross_entropy_rows_cuda", [&] {
-    lce_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), grad_rows ? grad_rows->data_ptr<float>() : nullptr,
-        rows, vocab, ignore_index, static_cast<float>(label_smoothing), static_cast<float>(softcap),
-        loss.data_ptr<float>(), lse.data_ptr<float>());
-  });
+  // float32, float16 and bfloat16 only: the Python layer's why_not (up_to_float32) refuses float64.
+  AT_DISPATCH_SWITCH(logits.scalar_type(), "linear_cross_entropy_rows_cuda",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { launch_rows<scalar_t>(logits, target, grad_rows, rows, vocab,
+                                                                             ignore_index, label_smoothing, softcap,
+                                                                             loss, lse, blocks); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_rows<scalar_t>(logits, target, grad_rows, rows, vocab,
+                                                                            ignore_index, label_smoothing, softcap,
+                                                                            loss, lse, blocks); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_rows<scalar_t>(logits, target, grad_rows, rows,
+                                                                                vocab, ignore_index, label_smoothing,
+                                                                                softcap, loss, lse, blocks); }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lse};
 }
