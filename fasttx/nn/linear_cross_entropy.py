@@ -36,8 +36,9 @@ class LinearCrossEntropy(torch.nn.Module):
         self.label_smoothing, self.softcap = label_smoothing, softcap
         factory = dict(device=device, dtype=dtype)
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = torch.nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
