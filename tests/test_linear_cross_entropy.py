@@ -141,7 +141,7 @@ def test_float64_gradcheck_and_gradgradcheck(backend):
             fn = lambda h, w, b: fasttx.linear_cross_entropy(h, w, target, b, ignore_index=-1, reduction=reduction,
                                                              label_smoothing=0.1, softcap=2.0)
             assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
-        assert torch.autograd.gradgradcheck(fn, (hidden, weight, bias))
+            assert torch.autograd.gradgradcheck(fn, (hidden, weight, bias))
 
 
 def test_torch_func_grad_is_the_reference():

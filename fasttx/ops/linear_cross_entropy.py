@@ -188,6 +188,16 @@ def _chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tens
     grad_b = weight.new_zeros(V, dtype=acc) if needs[2] and bias is not None else None
     if N == 0 or V == 0:
         return loss, grad_h, grad_w, grad_b
+    with torch.autocast(hidden.device.type, enabled=False):  # the entry point cast the inputs already
+        _chunk_loop(impl, gemm, hidden, weight, bias, target, ignore_index, label_smoothing, softcap, grad_rows, loss,
+                    grad_h, grad_w, grad_b)
+    return loss, grad_h, grad_w, grad_b
+
+
+def _chunk_loop(impl, gemm, hidden, weight, bias, target, ignore_index, label_smoothing, softcap, grad_rows, loss,
+                grad_h, grad_w, grad_b):
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = loss.dtype
     rows = chunk_rows(N, V)
     buffer = hidden.new_empty(min(rows, N), V, dtype=gemm.logits_dtype(hidden.dtype))
     w_t = weight.t()
@@ -209,7 +219,6 @@ def _chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tens
             gemm.accumulate(grad_w, dlogits.t(), h)
         if grad_b is not None:
             grad_b += logits.sum(0, dtype=acc)
-    return loss, grad_h, grad_w, grad_b
 
 
 def _empty(t: Tensor) -> Tensor:
