@@ -30,7 +30,8 @@ def _measure(case: dict, provider: str, queue) -> None:
     hidden, weight, target = spec_module.make_inputs(case, torch.device("cpu"))
     hidden.requires_grad_()
     weight.requires_grad_()
-    fn = {"eager": spec_module.eager, "fasttx": spec_module.fasttx_fn, "three_gemms": spec_module.three_gemms}[provider](case)
+    makers = {"eager": spec_module.eager, "fasttx": spec_module.fasttx_fn, "three_gemms": spec_module.three_gemms}
+    fn = makers[provider](case)
     fn(hidden[:8], weight, target[:8]).backward()  # load the kernels, warm the GEMMs
     hidden.grad = weight.grad = None
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
     eager = next((r["extra_bytes"] for r in results if r["provider"] == "eager"), None)
     for r in results:
         ratio = f"  {r['extra_bytes'] / eager:.3f}x eager's" if eager else ""
-        print(f"{r['provider']:>12}: extra {r['extra_bytes'] / 2**20:9.1f} MiB (peak {r['peak_bytes'] / 2**20:.1f} MiB, "
+        print(f"{r['provider']:>12}: extra {r['extra_bytes'] / 2**20:9.1f} MiB "
+              f"(peak {r['peak_bytes'] / 2**20:.1f} MiB, "
               f"maxrss +{r['maxrss_growth_bytes'] / 2**20:.1f} MiB){ratio}")
     print(json.dumps(results))
     return 0

@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_rows_cpu(const at::Tenso
   }
   auto loss = at::empty({rows}, logits.options().dtype(acc));
   auto lse = at::empty({rows}, logits.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "linear_cross_entropy_rows_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     lce_rows_kernel<scalar_t>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
                               grad_rows ? grad_rows->data_ptr<A>() : nullptr, ignore_index, A(label_smoothing),
