@@ -22,9 +22,11 @@ import torch
 PROVIDERS = ("eager", "fasttx", "three_gemms")
 
 
-def _measure(case: dict, provider: str, queue) -> None:
+def _measure(case: dict, provider: str, fp32_weight_grad: bool, queue) -> None:
     from bench.ops import linear_cross_entropy as spec_module
     from bench.spec import dtype_of
+
+    spec_module._lce._FP32_WEIGHT_GRAD = fp32_weight_grad
 
     torch.manual_seed(0)
     hidden, weight, target = spec_module.make_inputs(case, torch.device("cpu"))
@@ -49,10 +51,10 @@ def _measure(case: dict, provider: str, queue) -> None:
                "maxrss_growth_bytes": (rss1 - rss0) * 1024})
 
 
-def measure(case: dict, provider: str) -> dict:
+def measure(case: dict, provider: str, fp32_weight_grad: bool = True) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=_measure, args=(case, provider, queue))
+    child = ctx.Process(target=_measure, args=(case, provider, fp32_weight_grad, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -66,9 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--provider", action="append", choices=PROVIDERS)
+    parser.add_argument("--bf16-weight-grad", action="store_true",
+                        help="accumulate a bf16/fp16 grad_weight in its dtype (_FP32_WEIGHT_GRAD = False)")
     args = parser.parse_args(argv)
     case = {"tokens": args.tokens, "d": args.d, "vocab": args.vocab, "dtype": args.dtype}
-    results = [measure(case, p) for p in args.provider or PROVIDERS]
+    results = [measure(case, p, not args.bf16_weight_grad) for p in args.provider or PROVIDERS]
     eager = next((r["extra_bytes"] for r in results if r["provider"] == "eager"), None)
     for r in results:
         ratio = f"  {r['extra_bytes'] / eager:.3f}x eager's" if eager else ""

@@ -255,6 +255,22 @@ def test_module_matches_linear_then_cross_entropy_and_loads_lm_head():
         fasttx.nn.LinearCrossEntropy(12, 0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bf16_weight_grad_accumulated_in_bf16(backend, monkeypatch):
+    """_FP32_WEIGHT_GRAD = False (no fp32 V x d accumulator): one bf16 rounding per chunk, so within
+    sqrt(chunks) x the rule's 3x of torch's error."""
+    monkeypatch.setattr(lce_module, "_FP32_WEIGHT_GRAD", False)
+    hidden, weight, bias, target = _inputs(29, 17, 1009, torch.float64, "cpu", bias=True)
+    chunks = 8
+    with fasttx.use_backend(backend), chunk_rows(4):
+        got = _run(fasttx.linear_cross_entropy, [t.bfloat16() for t in (hidden, weight, bias)], target,
+                   torch.tensor(1.0, dtype=torch.bfloat16))
+    truth = _run(linear_cross_entropy_ref, (hidden, weight, bias), target, torch.tensor(1.0, dtype=torch.float64))
+    own = _run(linear_cross_entropy_ref, [t.bfloat16() for t in (hidden, weight, bias)], target,
+               torch.tensor(1.0, dtype=torch.bfloat16))
+    assert_within_torch_error(got[2], truth[2], own[2], factor=3 * chunks ** 0.5, what="grad_weight")
+
+
 def test_module_compiles_fullgraph():
     torch.manual_seed(0)
     module = fasttx.nn.LinearCrossEntropy(16, 37, bias=True, softcap=5.0)

@@ -70,6 +70,8 @@ class _ThreeGemms(torch.autograd.Function):
         need = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(hidden) if need else None
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        if not _lce._FP32_WEIGHT_GRAD:
+            acc = hidden.dtype
         grad_w = weight.new_zeros(weight.shape, dtype=acc) if need else None
         for start in range(0, n, rows):
             stop = min(start + rows, n)

@@ -23,6 +23,10 @@ Design decisions:
     8192 tokens this is under 0.03x of it at V = 32000 and under 0.01x at 128256; large enough that the
     GEMMs are C x d x V with C in the hundreds, efficient on every backend. ``_CHUNK_ROWS`` (tests only)
     forces a size.
+  * Memory, bf16/fp16: the fp32 grad_weight accumulator (V x d x 4 bytes, 2x the gradient itself) is, at
+    d = 2048, larger than the chunk buffer; with it the extra memory at 8192 tokens, V = 32000 is ~0.4x
+    eager's, not 0.1x. ``_FP32_WEIGHT_GRAD = False`` accumulates in the weight's dtype instead (Liger's
+    choice: one rounding per chunk, ~sqrt(chunks) x eager's error), and the extra is the chunk buffer alone.
   * Precision: the loss and the row kernel in fp32 (fp64 for fp64). On CUDA the bf16/fp16 logits
     GEMM writes fp32 (``torch.mm(..., out_dtype=torch.float32)``); on the CPU ATen has no such GEMM, so
     the bf16/fp16 logits are rounded once to the input dtype, exactly as eager's F.linear rounds them.
@@ -57,6 +61,10 @@ REDUCTIONS = ("mean", "sum", "none")
 _OP = "linear_cross_entropy"
 _CHUNK_ELEMENTS = 2**25
 _CHUNK_ROWS: Optional[int] = None  # tests: force the rows per chunk
+# bf16/fp16 grad_weight accumulated across chunks in fp32 (True, exact: one rounding at the end, as eager's
+# single GEMM) or in the weight's dtype (False: Liger's choice, one rounding per chunk, but no fp32 V x d
+# accumulator, which at d = 2048 is most of this op's extra memory). See the module docstring.
+_FP32_WEIGHT_GRAD = True
 
 
 def chunk_rows(n: int, vocab: int) -> int:
@@ -160,7 +168,7 @@ class _Gemms:
             torch.mm(a, b, out=out)
 
     def accumulate(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
-        """acc += a @ b, acc in the opmath type (fp32 for bf16/fp16 a and b)."""
+        """acc += a @ b, acc in a's dtype or the opmath type (fp32 for bf16/fp16 a and b)."""
         if acc.dtype == a.dtype:
             if self.ext is not None:
                 self.ext.linear_cross_entropy_gemm_cpu(acc, a, b, True)
@@ -184,7 +192,8 @@ def _chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tens
     loss = hidden.new_empty(N, dtype=acc)
     needs = needs if grad_rows is not None else (False, False, False)
     grad_h = torch.empty_like(hidden) if needs[0] else None
-    grad_w = weight.new_zeros(weight.shape, dtype=acc) if needs[1] else None
+    grad_acc = acc if _FP32_WEIGHT_GRAD or hidden.dtype == acc else hidden.dtype
+    grad_w = weight.new_zeros(weight.shape, dtype=grad_acc) if needs[1] else None
     grad_b = weight.new_zeros(V, dtype=acc) if needs[2] and bias is not None else None
     if N == 0 or V == 0:
         return loss, grad_h, grad_w, grad_b
