@@ -194,6 +194,23 @@ def test_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_backward_twice_through_a_retained_graph(backend):
+    """The first backward scales the gradients stored by the forward in place; a second one through the same
+    graph (retain_graph=True) must recompute them, not scale them again."""
+    hidden, weight, bias, target = _inputs(11, 6, 23, torch.float64, "cpu", bias=True)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with fasttx.use_backend(backend), chunk_rows(4):
+        loss = fasttx.linear_cross_entropy(*leaves[:2], target, leaves[2], label_smoothing=0.1)
+        loss.backward(torch.tensor(3.0, dtype=torch.float64), retain_graph=True)
+        loss.backward(torch.tensor(-0.5, dtype=torch.float64))
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    ref = linear_cross_entropy_ref(*ref_leaves[:2], target, ref_leaves[2], label_smoothing=0.1)
+    ref.backward(torch.tensor(2.5, dtype=torch.float64))
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
 def test_no_gradient_work_without_grad(monkeypatch):
     """Under no_grad (or with no input requiring a gradient) the chunks run their logits GEMM only."""
     hidden, weight, _, target = _inputs(9, 5, 13, torch.float32, "cpu")

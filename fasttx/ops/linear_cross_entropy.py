@@ -322,10 +322,21 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _setup_context_eager(ctx, inputs, output):
+    """The eager Function's: the stored gradients are kept on ctx, not saved, so that the backward can scale
+    them in place (no second gradient-sized copy at the peak) and drop them. They are non-differentiable
+    outputs, with no grad_fn, so holding them on ctx makes no reference cycle."""
+    _setup_context(ctx, inputs, (output[0],))
+    ctx.grads = output[1:]
+    ctx.mark_non_differentiable(*output[1:])
+
+
 def _autograd_backward(backward):
     def run(ctx, grad_loss, _gh, _gw, _gb):
-        hidden, weight, bias, target, gh, gw, gb = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        hidden, weight, bias, target = saved[:4]
         ignore_index, reduction, label_smoothing, softcap, needs_hidden, needs_weight, needs_bias, backend = ctx.args
+        needs_bias = needs_bias and bias is not None
         none = (None,) * 9
         if grad_loss is None:
             return (None, None, None) + none
@@ -333,14 +344,23 @@ def _autograd_backward(backward):
             grads = _graphed(grad_loss, hidden, weight, bias, target, ignore_index, reduction, label_smoothing,
                              softcap)
             return grads + none
-        if reduction == "none":
-            gh, gw, gb = backward(grad_loss, hidden, weight, bias, target, ignore_index, label_smoothing, softcap,
-                                  needs_hidden, needs_weight, needs_bias, backend)
-            return (gh if needs_hidden else None, gw if needs_weight else None,
-                    gb if needs_bias and bias is not None else None) + none
-        g = grad_loss
-        return ((gh * g.to(gh.dtype)) if needs_hidden else None, (gw * g.to(gw.dtype)) if needs_weight else None,
-                (gb * g.to(gb.dtype)) if needs_bias and bias is not None else None) + none
+        pick = lambda gh, gw, gb: (gh if needs_hidden else None, gw if needs_weight else None,
+                                   gb if needs_bias else None) + none
+        eager = hasattr(ctx, "grads")
+        if reduction == "none" or (eager and ctx.grads is None):
+            # "none"; or a second backward through the same graph (retain_graph=True) after the first
+            # consumed the stored gradients: each chunk recomputed for the rows' gradient factors
+            rows = grad_loss
+            if reduction != "none":
+                scale = grad_loss / (target != ignore_index).sum() if reduction == "mean" else grad_loss
+                rows = scale.expand(hidden.shape[0])
+            return pick(*backward(rows, hidden, weight, bias, target, ignore_index, label_smoothing, softcap,
+                                  needs_hidden, needs_weight, needs_bias, backend))
+        if eager:  # scaled in place: the only copies of them are the ones returned
+            grads, ctx.grads = ctx.grads, None
+            return pick(*(t.mul_(grad_loss) if t.numel() else t for t in grads))
+        gh, gw, gb = saved[4:]
+        return pick(gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype), gb * grad_loss.to(gb.dtype))
     return run
 
 
@@ -366,7 +386,7 @@ def _graphed(grad_loss, hidden, weight, bias, target, ignore_index, reduction, l
 
 
 _lce_forward_op.register_autograd(_autograd_backward(_lce_backward_op), setup_context=_setup_context)
-_LinearCrossEntropyFunction = eager_function("_LinearCrossEntropyFunction", _forward, _setup_context,
+_LinearCrossEntropyFunction = eager_function("_LinearCrossEntropyFunction", _forward, _setup_context_eager,
                                              _autograd_backward(_backward))
 
 
