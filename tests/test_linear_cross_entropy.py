@@ -194,6 +194,15 @@ def test_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_onednn_gemm_path(dtype, monkeypatch):
+    """The cpu backend's optional fp32 GEMMs on cpu/matmul.h's oneDNN path (off by default)."""
+    monkeypatch.setattr(lce_module, "_CPU_ONEDNN_GEMM", True)
+    hidden, weight, bias, target = _inputs(29, 17, 1009, torch.float64, "cpu", bias=True)
+    with chunk_rows(4):
+        check_against_reference("cpu", hidden, weight, bias, target, dtype, reduction="mean", label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_backward_twice_through_a_retained_graph(backend):
     """The first backward scales the gradients stored by the forward in place; a second one through the same

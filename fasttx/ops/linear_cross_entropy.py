@@ -37,9 +37,9 @@ Design decisions:
 
 Backends: the row kernel is cpu (csrc/cpu/linear_cross_entropy.cpp), triton
 (kernels/linear_cross_entropy.py), cuda (csrc/cuda/linear_cross_entropy.cu) or torch (the
-reference, below). The GEMMs are the device's: on the CPU fasttx's GEMM choice (cpu/matmul.h,
-oneDNN for fp32 where MKL is slow) for the cpu backend, torch.mm for torch; on a GPU torch.mm /
-cuBLAS for every backend, as Liger does (a chunk's GEMMs are large and cuBLAS runs them at peak).
+reference, below). The GEMMs are torch.mm with out= into the chunk's buffers for every backend: ATen's
+BLAS on the CPU (see _CPU_ONEDNN_GEMM for why not cpu/matmul.h's oneDNN path), cuBLAS on a GPU, as
+Liger does (a chunk's GEMMs are large and cuBLAS runs them at peak).
 The chunk loop is Python, shared by all backends: a handful of launches per chunk of hundreds of rows.
 """
 from __future__ import annotations
@@ -148,11 +148,20 @@ IMPLEMENTATIONS = (
 
 # ---- the GEMMs of a chunk ---------------------------------------------------------
 
+# The cpu backend's fp32 GEMMs on cpu/matmul.h's oneDNN path (True) or ATen's at::mm (False). At this op's
+# shapes (a chunk of 512 x 1024 tokens against V = 32000) on the 2-core EPYC, loaded, at::mm (MKL) ran
+# 51-91 GFLOP/s and the oneDNN path 25-32 for the logits and grad_hidden GEMMs (its reduction is cut into
+# chunks, which pays at a linear's sizes but not against a vocabulary): at::mm it is, until a quiet
+# machine says otherwise.
+_CPU_ONEDNN_GEMM = False
+
+
 class _Gemms:
-    """The device's GEMMs: fasttx's CPU choice (cpu/matmul.h) for the cpu backend, torch's otherwise."""
+    """The device's GEMMs: torch.mm (cuBLAS, or ATen's CPU BLAS / oneDNN for bf16), or with
+    _CPU_ONEDNN_GEMM fasttx's oneDNN fp32 path (cpu/matmul.h) for the cpu backend."""
 
     def __init__(self, backend: str, hidden: Tensor):
-        self.ext = backends.extension() if backend == "cpu" else None
+        self.ext = backends.extension() if backend == "cpu" and _CPU_ONEDNN_GEMM else None
         self.fp32_out = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
 
     def logits_dtype(self, dtype):
