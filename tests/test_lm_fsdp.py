@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,14 +53,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(corpus, out, *extra):
+def train_args(corpus, out, *extra):
+    return ["train", *FLAGS, "--out", str(out), "--data", *corpus["data"], "--cache-dir", corpus["cache_dir"], *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """One torchrun launch of 2 ranks (tests/fsdp_worker.py) doing every FSDP run of this file in turn:
+    "whole" (6 steps), "fsdp" (stopped after step 3, copied to "at_stop", resumed to 6), "eager" (3 steps)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    plan = [train_args(corpus, root / "whole"),
+            train_args(corpus, root / "fsdp", "--stop-at", str(STOP)),
+            ["copy", str(root / "fsdp"), str(root / "at_stop")],
+            train_args(corpus, root / "fsdp", "--resume"),
+            train_args(corpus, root / "eager", "--kernels", "eager", "--steps", str(STOP))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "fasttx", "train", *FLAGS, "--out", str(out),
-           "--data", *corpus["data"], "--cache-dir", corpus["cache_dir"], *extra]
-    run = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=180)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return run
+           f"--master_port={free_port()}", str(REPO / "tests" / "fsdp_worker.py"), json.dumps(plan)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # a hang: end the launcher and its workers, not leave them running
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("the 2-rank FSDP launch hung:\n" + stdout + stderr)
+    assert proc.returncode == 0, stdout + stderr
+    run = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert "from step 0 to 3 of 6" in run.stdout and "from step 3 to 6 of 6" in run.stdout
+    return root
 
 
 def metrics(out):
@@ -87,26 +110,22 @@ def expected_val(corpus, ckpt_path) -> float:
     return evaluate(load_model(ckpt_path), batches)
 
 
-def test_fsdp_two_ranks_match_one_process_and_resume(corpus, tmp_path):
+def test_fsdp_two_ranks_match_one_process_and_resume(corpus, runs, tmp_path):
     """2 ranks under FSDP2 (fused kernels) against 1 process of the same global batch; a run stopped at step
     3 and resumed under FSDP against the uninterrupted FSDP run (exactly); the checkpoint of step 3 resumed
     in one process; generate on the final checkpoint."""
-    torchrun(corpus, tmp_path / "whole")
-    first = torchrun(corpus, tmp_path / "fsdp", "--stop-at", str(STOP))
-    assert "from step 0 to 3 of 6" in first.stdout
-    shutil.copytree(tmp_path / "fsdp", tmp_path / "at_stop")
-    torchrun(corpus, tmp_path / "fsdp", "--resume")
+    shutil.copytree(runs / "at_stop", tmp_path / "at_stop")  # resumed below in one process
     single = one_process(corpus, tmp_path / "single")
 
     # Stopped and resumed under FSDP == uninterrupted under FSDP, bit for bit.
-    assert metrics(tmp_path / "fsdp") == metrics(tmp_path / "whole")
-    saved = ckpt_io.load_checkpoint(tmp_path / "fsdp" / "ckpt.pt")
-    whole = ckpt_io.load_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    assert metrics(runs / "fsdp") == metrics(runs / "whole")
+    saved = ckpt_io.load_checkpoint(runs / "fsdp" / "ckpt.pt")
+    whole = ckpt_io.load_checkpoint(runs / "whole" / "ckpt.pt")
     for key in whole["model"]:
         assert torch.equal(saved["model"][key], whole["model"][key]), key
 
     # 2 FSDP ranks == 1 process on the same global batch, to float rounding.
-    losses, vals = metrics(tmp_path / "fsdp")
+    losses, vals = metrics(runs / "fsdp")
     assert len(losses) == STEPS
     assert losses == pytest.approx(single["losses"], **LOSS_TOL)
     assert saved["world_size"] == 2 and saved["step"] == STEPS and saved["train_config"]["fsdp"]
@@ -119,7 +138,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(corpus, tmp_path):
                                        msg=f"{i} {name}")
     # The val loss: 3 batches over 2 ranks (rank 1 runs an uncounted forward to keep FSDP's collectives paired).
     assert [s for s, _ in vals] == [3, 6]
-    assert vals[-1][1] == pytest.approx(expected_val(corpus, tmp_path / "fsdp" / "ckpt.pt"), **LOSS_TOL)
+    assert vals[-1][1] == pytest.approx(expected_val(corpus, runs / "fsdp" / "ckpt.pt"), **LOSS_TOL)
 
     # The FSDP checkpoint of step 3 resumes in one process (the same file layout) and follows the same path.
     resumed = one_process(corpus, tmp_path / "at_stop", resume=True)
@@ -127,14 +146,13 @@ def test_fsdp_two_ranks_match_one_process_and_resume(corpus, tmp_path):
     assert resumed["losses"] == pytest.approx(single["losses"][STOP:], **LOSS_TOL)
     assert_same_weights(ckpt_io.load_checkpoint(tmp_path / "at_stop" / "ckpt.pt")["model"], one["model"])
 
-    text = generate_text(load_model(tmp_path / "fsdp" / "ckpt.pt"), "the ", max_new_tokens=8, temperature=0.0)
+    text = generate_text(load_model(runs / "fsdp" / "ckpt.pt"), "the ", max_new_tokens=8, temperature=0.0)
     assert isinstance(text, str) and len(text) > 0
 
 
-def test_fsdp_eager_kernels_match_one_process(corpus, tmp_path):
+def test_fsdp_eager_kernels_match_one_process(corpus, runs, tmp_path):
     """kernels="eager" (plain PyTorch over the block's parameters, gathered by FSDP2 around forward_eager)."""
-    torchrun(corpus, tmp_path / "fsdp", "--kernels", "eager", "--steps", str(STOP))
     single = one_process(corpus, tmp_path / "single", kernels="eager", steps=STOP)
-    assert metrics(tmp_path / "fsdp")[0] == pytest.approx(single["losses"], **LOSS_TOL)
-    assert_same_weights(ckpt_io.load_checkpoint(tmp_path / "fsdp" / "ckpt.pt")["model"],
+    assert metrics(runs / "eager")[0] == pytest.approx(single["losses"], **LOSS_TOL)
+    assert_same_weights(ckpt_io.load_checkpoint(runs / "eager" / "ckpt.pt")["model"],
                         ckpt_io.load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"])

@@ -232,7 +232,8 @@ def _setup_distributed(requested: str | None):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # a caller's own group (tests/fsdp_worker.py's, several runs in one) is used as is
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
 
 
@@ -252,11 +253,12 @@ def train(cfg: TrainConfig) -> dict:
     """Train per cfg (under torchrun: one rank of it). Returns {"losses", "start_step", "step", "val",
     "interrupted", "checkpoint", "tokens_per_s"}; losses are this call's per-update mean losses over ranks."""
     argtypes.check_device(cfg.device)
+    owned = not dist.is_initialized()
     rank, world_size, device = _setup_distributed(cfg.device)
     try:
         return _train(cfg, rank, world_size, device)
     finally:
-        if world_size > 1:
+        if world_size > 1 and owned:
             dist.destroy_process_group()
 
 
