@@ -156,3 +156,45 @@ def test_fsdp_eager_kernels_match_one_process(corpus, runs, tmp_path):
     assert metrics(runs / "eager")[0] == pytest.approx(single["losses"], **LOSS_TOL)
     assert_same_weights(ckpt_io.load_checkpoint(runs / "eager" / "ckpt.pt")["model"],
                         ckpt_io.load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"])
+
+
+def test_sharded_gpt_runs_fasttx_fast_path_and_refuses_what_it_cannot_do():
+    """In process, one gloo rank: FSDP2's gathered parameters reach fasttx's ops as plain Parameters (the eager
+    fast path, not the registered op), and what the sharded model cannot do is refused in words."""
+    import torch.distributed as dist
+
+    from fasttx.lm import fsdp
+    from fasttx.models.gpt import GPT, GPTConfig
+    from fasttx.ops import _eager
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        config = GPTConfig(n_layer=2, n_head=2, d_model=32, block_size=16)
+        reference, model = GPT(config), GPT(config)
+        model.load_state_dict(reference.state_dict())
+        fsdp.shard(model)
+        assert type(model.blocks[0].norm1.weight).__name__ == "DTensor"
+        calls = []
+        plain_eager = _eager.plain_eager
+
+        def spy(*tensors):
+            calls.append(plain_eager(*tensors))
+            return calls[-1]
+        idx = torch.randint(0, 256, (2, 9))
+        modules = [m for m in list(sys.modules.values()) if getattr(m, "plain_eager", None) is plain_eager]
+        for m in modules:
+            m.plain_eager = spy
+        try:
+            loss = model(idx[:, :-1], idx[:, 1:])[1]
+        finally:
+            for m in modules:
+                m.plain_eager = plain_eager
+        assert calls and all(calls), calls
+        torch.testing.assert_close(loss, reference(idx[:, :-1], idx[:, 1:])[1], rtol=1e-6, atol=1e-6)
+        with pytest.raises(fsdp.FSDPUnsupported, match="cannot generate"):
+            model.generate(idx[:, :4], max_new_tokens=2)
+        with pytest.raises(fsdp.FSDPUnsupported, match="GPT only"):
+            fsdp.shard(torch.nn.Linear(2, 2))
+    finally:
+        dist.destroy_process_group()

@@ -54,12 +54,19 @@ def shard(model: gpt_module.GPT, mesh=None) -> gpt_module.GPT:
         register_fsdp_forward_method(block, "forward_deferred")
         register_fsdp_forward_method(block, "forward_eager")
     fully_shard(model, mesh=mesh)
+    model.generate = functools.partial(_no_generate, model)
     # FSDP2 warns when a module returns a view (forward_deferred's branch, the logits), because an in-place
     # op on it would skip its pre-backward hook. The GPT adds to them out of place only (and the test of
     # 2 ranks against 1 process checks the gradients), so the warning says nothing here.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPTransformerBlock|FSDPGPT)\) returned "
                             r"a view tensor", category=UserWarning)
     return model
+
+
+def _no_generate(model, *args, **kwargs):
+    raise FSDPUnsupported("fasttx --fsdp: a model sharded with FSDP2 cannot generate: the KV-cache decoding runs "
+                          "its blocks outside any FSDP-registered method, on sharded weights. Load the checkpoint "
+                          "(fasttx.lm.generate.load_model, python -m fasttx generate) into an unsharded GPT")
 
 
 def _param_ids(model, optimizer) -> tuple[list[list[str]], dict[str, int]]:
