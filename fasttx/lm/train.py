@@ -199,7 +199,8 @@ def evaluate(model, batches, dtype="fp32", rank=0, world_size=1, device="cpu") -
 
 
 def _is_fsdp(model) -> bool:
-    return type(model).__name__.startswith("FSDP") and hasattr(model, "set_requires_gradient_sync")
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def _seed(*parts) -> int:
