@@ -177,11 +177,15 @@ def _nonfinite(tensors: dict) -> list[str]:
 
 
 def save_checkpoint(path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    model_config: GPTConfig, train_config: dict, rng: dict, world_size: int = 1) -> Path:
+                    model_config: GPTConfig, train_config: dict, rng: dict, world_size: int = 1,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write the checkpoint; a model or optimizer state holding NaN/Inf is refused (CheckpointWriteError),
-    so a diverged run never replaces the last good file."""
-    state = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "model_config": model_config.to_dict(),
+    so a diverged run never replaces the last good file. model_state/optimizer_state, when given, are
+    written instead of model.state_dict()/optimizer.state_dict() (FSDP: the full state gathered on rank 0)."""
+    state = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step),
+             "model": model.state_dict() if model_state is None else model_state,
+             "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+             "model_config": model_config.to_dict(),
              "train_config": dict(train_config), "rng": rng, "world_size": int(world_size)}
     bad = _nonfinite(state["model"]) + [f"optimizer state {i} {k}" for i, s in state["optimizer"]["state"].items()
                                        for k in _nonfinite(s)]
@@ -419,17 +423,27 @@ def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, step: i
 
 
 def restore_training_state(saved: dict, path, model, optimizer, rank: int = 0, world_size: int = 1,
-                           device=torch.device("cpu")) -> bool:
+                           device=torch.device("cpu"), load=None) -> bool:
     """Load the model, optimizer and this rank's RNG states of `saved` (from load_checkpoint, on the CPU).
 
     Everything is checked before anything is loaded. The optimizer keeps its own hyperparameters
     (lr, weight decay, ...: the run's flags); only the per-parameter state comes from the file.
     Returns False, leaving the RNG alone, when the checkpoint has RNG states of another number of ranks.
+    load(model_state, optimizer_state), when given, loads both instead of load_state_dict (FSDP's
+    set_state_dict); the checks are the same.
     """
-    load_model_state(model, saved["model"], path)
+    if load is None:
+        load_model_state(model, saved["model"], path)
+    else:
+        problems = _layout_problems(model.state_dict(), saved["model"])  # DTensors: their global shapes
+        if problems:
+            raise ValueError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
     check_optimizer_state(saved["optimizer"], optimizer, saved["step"], path)
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved["optimizer"])
+    if load is None:
+        optimizer.load_state_dict(saved["optimizer"])
+    else:
+        load(saved["model"], saved["optimizer"])
     for group, own in zip(optimizer.param_groups, hyper):
         group.update(own)
     cpu, cuda = saved["rng"]["cpu"], saved["rng"]["cuda"]
@@ -471,12 +485,13 @@ def build_model(ckpt: dict, path, kernels: str | None = None, device=None) -> GP
 # ---- safetensors -------------------------------------------------------------------------------------
 
 
-def save_safetensors(path, model: GPT, step: int | None = None) -> Path:
+def save_safetensors(path, model: GPT, step: int | None = None, state: dict | None = None) -> Path:
     """DIR/model.safetensors: the state_dict minus the tied lm_head.weight; metadata "model_config" (JSON) and
     "sha256" (state_digest of the tensors)."""
     from safetensors.torch import save as st_save
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
+    state = model.state_dict() if state is None else state  # FSDP: the full state gathered on rank 0
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k != TIED_KEY}
     bad = _nonfinite(tensors)
     if bad:
         raise CheckpointWriteError(f"not writing {path}: the model holds NaN or Inf ({bad[:3]})")

@@ -24,12 +24,16 @@
   ``python -m fasttx train --nproc-per-node N ...`` runs torchrun's launcher in this process on one
   machine: a Ctrl-C there forwards SIGINT to the workers, which checkpoint, and exits with 130 and one
   line, where torchrun itself ends in a SignalException traceback and exit code 1.
+- ``--fsdp``: with more than one rank, shard the model with FSDP2 instead of DDP (fasttx/lm/fsdp.py): every
+  transformer block, then the root. Checkpoints are the same file, gathered full onto rank 0 through
+  torch.distributed.checkpoint's get_state_dict, and loaded back with set_state_dict.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -94,6 +98,7 @@ class TrainConfig:
     device: str | None = None                 # None: cuda if available, else cpu
     cache_dir: str | None = None
     progress: bool | None = None              # None: a bar when stderr is a terminal
+    fsdp: bool = False                        # shard with FSDP2 instead of DDP (more than one rank)
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "grad_accum", "eval_batches", "log_every")
@@ -159,6 +164,8 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float = 1.
     total, n = 0.0, len(micro_batches)
     for i, (x, y) in enumerate(micro_batches):
         sync = model.no_sync() if isinstance(model, DDP) and i < n - 1 else contextlib.nullcontext()
+        if _is_fsdp(model):  # reduce-scatter the gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(i == n - 1)
         with sync:
             with _autocast(x.device.type, dtype):
                 _, loss = model(x, y)
@@ -175,14 +182,25 @@ def evaluate(model, batches, dtype="fp32", rank=0, world_size=1, device="cpu") -
     """Mean loss over the fixed val batches; rank r evaluates batches r, r + world_size, ... and sums are reduced."""
     was_training, total = model.training, torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
+    mine = batches[rank::world_size]
+    # Under FSDP a forward is a collective: every rank runs as many, the spare ones on a batch not counted.
+    rounds = -(-len(batches) // world_size) if _is_fsdp(model) else len(mine)
     with torch.random.fork_rng(devices=[]):  # evaluation must never shift the RNG stream dropout draws from
-        for x, y in batches[rank::world_size]:
+        for i in range(rounds):
+            x, y = mine[i] if i < len(mine) else batches[0]
             with _autocast(torch.device(device).type, dtype):
-                total += model(x.to(device), y.to(device))[1].double()
+                loss = model(x.to(device), y.to(device))[1].double()
+            if i < len(mine):
+                total += loss
     if world_size > 1:
         dist.all_reduce(total)
     model.train(was_training)
     return total.item() / len(batches)
+
+
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def _seed(*parts) -> int:
@@ -215,7 +233,8 @@ def _setup_distributed(requested: str | None):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # a caller's own group (tests/fsdp_worker.py's, several runs in one) is used as is
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
 
 
@@ -235,11 +254,12 @@ def train(cfg: TrainConfig) -> dict:
     """Train per cfg (under torchrun: one rank of it). Returns {"losses", "start_step", "step", "val",
     "interrupted", "checkpoint", "tokens_per_s"}; losses are this call's per-update mean losses over ranks."""
     argtypes.check_device(cfg.device)
+    owned = not dist.is_initialized()
     rank, world_size, device = _setup_distributed(cfg.device)
     try:
         return _train(cfg, rank, world_size, device)
     finally:
-        if world_size > 1:
+        if world_size > 1 and owned:
             dist.destroy_process_group()
 
 
@@ -270,17 +290,28 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(cfg.model_config(), device=device)
+    fsdp = cfg.fsdp and world_size > 1
+    if cfg.fsdp and world_size == 1 and main:
+        print("note: --fsdp with one process: nothing to shard, training unsharded", file=sys.stderr)
+    load = None
+    if fsdp:
+        from fasttx.lm import fsdp as fsdp_io
+        fsdp_io.shard(model)  # in place: parameters become DTensors, so the optimizer is built after
     optimizer, start = make_optimizer(model, cfg), 0
+    if fsdp:
+        load = functools.partial(fsdp_io.load_full_state, model, optimizer)
     if saved is not None:
         start = saved["step"]
-        if not ckpt_io.restore_training_state(saved, ckpt_path, model, optimizer, rank, world_size, device):
+        if not ckpt_io.restore_training_state(saved, ckpt_path, model, optimizer, rank, world_size, device,
+                                              load=load):
             torch.manual_seed(_seed(cfg.seed, "dropout", rank, start))
             if main:
                 print(f"warning: {ckpt_path} holds the RNG states of {saved['world_size']} ranks, not {world_size}: "
                       f"dropout masks differ from the original run's", file=sys.stderr)
     else:
         torch.manual_seed(_seed(cfg.seed, "dropout", rank))  # each rank its own dropout masks
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 and not fsdp else model
     model.train()
 
     last_saved = start if saved is not None else None
@@ -288,14 +319,17 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
     def save(step):
         nonlocal last_saved
         rng = ckpt_io.capture_rng(device, world_size)  # collective: every rank takes part
+        model_state = optim_state = None
+        if fsdp:  # collective too: the full state, gathered onto rank 0's CPU
+            model_state, optim_state = fsdp_io.full_state(model, optimizer)
         failed = None
         if main:
             try:
                 ckpt_io.save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
                                         model_config=model.config, train_config=run_dict, rng=rng,
-                                        world_size=world_size)
+                                        world_size=world_size, model_state=model_state, optimizer_state=optim_state)
                 if cfg.save_safetensors:
-                    ckpt_io.save_safetensors(out / "model.safetensors", model, step)
+                    ckpt_io.save_safetensors(out / "model.safetensors", model, step, state=model_state)
             except ckpt_io.CheckpointWriteError as err:
                 failed = err
         if world_size > 1:  # every rank stops together, rather than waiting on a rank 0 that left
@@ -412,6 +446,8 @@ def add_arguments(p) -> None:
     run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     run.add_argument("--nproc-per-node", type=count, default=None, help="launch N ranks on this machine, as "
                      "torchrun --standalone --nproc_per_node=N would (Ctrl-C: checkpoint and exit 130)")
+    run.add_argument("--fsdp", action="store_true", help="with several ranks, shard the model with FSDP2 "
+                     "(per block, then the root) instead of DDP; the checkpoint stays one full file")
     run.add_argument("--cache-dir", default=None, help="token cache (default: $FASTTX_CACHE or ~/.cache/fasttx)")
 
 

@@ -150,8 +150,8 @@ class GPT(torch.nn.Module):
         x = self._embed(idx)
         eager = self.config.kernels == "eager"
         if eager:
-            for block in self.blocks:
-                x = _eager_block(block, x)
+            for block in self.blocks:  # under FSDP2, fasttx.lm.fsdp gives blocks a forward_eager that gathers them
+                x = block.forward_eager(x) if hasattr(block, "forward_eager") else _eager_block(block, x)
             logits = self.lm_head(_norm(self.ln_f, x, eager))
         else:
             with recomputed_activations():  # norm outputs are rebuilt in backward, not kept
