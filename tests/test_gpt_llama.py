@@ -5,6 +5,7 @@ LlamaForCausalLM's (weights copied), KV-cache decoding gives the tokens of full 
 ``python -m fasttx train|generate`` take ``--arch llama``; GPT-2 style checkpoints written before the
 new config keys still load, and bad configs are refused by name.
 """
+import json
 import random
 
 import pytest
@@ -223,3 +224,17 @@ def test_cli_refuses_a_bad_llama_config_in_one_line(corpus, tmp_path, capsys):
                 *FLAGS, *corpus]) == 2
     err = capsys.readouterr().err
     assert "n_head (4) must be a multiple of n_kv_head (3)" in err and err.count("\n") == 1, err
+
+
+def test_compare_command_takes_the_llama_arch(corpus, tmp_path, capsys, monkeypatch):
+    # a tiny run of `python -m fasttx compare --arch llama`
+    data = corpus[corpus.index("--data") + 1]
+    monkeypatch.setenv("FASTTX_CACHE", corpus[corpus.index("--cache-dir") + 1])
+    assert cli(["compare", "--arch", "llama", "--n-kv-head", "2", "--steps", "3", "--warmup-steps", "1",
+                "--n-layer", "1", "--d-model", "32", "--n-head", "4", "--block-size", "16", "--batch-size", "2",
+                "--device", "cpu", "--data", data, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "model: arch llama" in printed and "4 heads (2 key/value)" in printed, printed
+    saved = json.loads((tmp_path / "compare_llama_fp32.json").read_text())
+    assert saved["config"]["arch"] == "llama" and saved["config"]["n_kv_head"] == 2
+    assert saved["criteria"]["loss"]["pass"], saved["criteria"]

@@ -14,6 +14,8 @@
   uninterrupted one. DIR/metrics.jsonl keeps its lines up to that step (later ones, written after the
   last checkpoint, are dropped) and is appended to. Model flags left out take the checkpoint's values;
   flags that disagree with it are an error (except --kernels: both paths share the parameters).
+- ``--arch llama`` trains the LLaMA-style model (``--n-kv-head``, ``--d-hidden``, ``--rope-base``); its
+  untied lm_head.weight is a 2-D matmul weight and decays like the blocks' weights.
 - Ctrl-C (SIGINT) finishes the current update, saves a checkpoint, prints where, and exits with code
   130. Further SIGINTs are ignored (torchrun forwards the terminal's one again); kill -TERM aborts.
 - A non-finite loss or gradient norm stops the run (TrainingDiverged, exit 1) without saving: the last
