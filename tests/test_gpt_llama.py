@@ -190,6 +190,10 @@ def test_checkpoints_without_the_new_config_keys_still_load(corpus, tmp_path, ca
     model = load_model(tmp_path / "old.pt")
     assert model.lm_head.weight is model.tok_emb.weight
     assert cli(["generate", "--ckpt", str(tmp_path / "old.pt"), "--max-new-tokens", "3"]) == 0
+    # and a run resumes from one, with or without the model flags
+    torch.save(old, out / "ckpt.pt")
+    assert cli(["train", "--resume", "--steps", "2", "--out", str(out), *FLAGS, *corpus]) == 0
+    assert ckpt_io.load_checkpoint(out / "ckpt.pt")["step"] == 2
 
 
 def test_checkpoint_config_must_match_the_llama_tensors(tmp_path):
