@@ -59,7 +59,8 @@ def test_fused_matches_eager_loss_and_every_gradient_fp64(seq_len):
     loss_f.backward()
     loss_e.backward()
     for (name, p_f), p_e in zip(fused.named_parameters(), eager.parameters()):
-        assert p_f.grad is not None and p_f.grad.abs().sum() > 0, name
+        # one token attends to itself alone: q and k get no gradient then
+        assert seq_len == 1 or p_f.grad.abs().sum() > 0, name
         torch.testing.assert_close(p_f.grad, p_e.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
