@@ -216,7 +216,8 @@ def _plot(results: dict, path: str) -> None:
     c, s = results["config"], results["settings"]
     if s["warmup_steps"]:
         top.axvspan(-0.5, s["warmup_steps"] - 0.5, color="0.92", label="warmup (untimed)")
-    top.set_title(f"{'LLaMA-style' if c.get('arch') == 'llama' else 'GPT'} {c['n_layer']}L d{c['d_model']} T{c['block_size']} B{s['batch_size']}, {s['dtype']}, "
+    name = "LLaMA-style" if c.get("arch") == "llama" else "GPT"
+    top.set_title(f"{name} {c['n_layer']}L d{c['d_model']} T{c['block_size']} B{s['batch_size']}, {s['dtype']}, "
                   f"AdamW peak lr {s['lr']:g}, {results['machine']['threads']} threads")
     top.set_ylabel("train loss (nats)")
     top.legend()
