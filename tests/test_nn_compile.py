@@ -12,13 +12,15 @@ MODULES = {
     "LayerNorm": lambda: fasttx.nn.LayerNorm(D),
     "RMSNorm": lambda: fasttx.nn.RMSNorm(D),
     "GELUFFN": lambda: fasttx.nn.GELUFFN(D, 4 * D),
+    "GLUFFN": lambda: fasttx.nn.GLUFFN(D, 3 * D),
     "MultiheadSelfAttention": lambda: fasttx.nn.MultiheadSelfAttention(D, 4, is_causal=True),
     "TransformerBlock": lambda: fasttx.nn.TransformerBlock(D, 4, is_causal=True),
 }
 
 
 # Modules whose forward is not x -> y, compiled in their own op's tests.
-COMPILED_ELSEWHERE = {"LinearCrossEntropy": "tests/test_linear_cross_entropy.py::test_module_compiles_fullgraph"}
+COMPILED_ELSEWHERE = {"LinearCrossEntropy": "tests/test_linear_cross_entropy.py::test_module_compiles_fullgraph",
+                      "RotaryEmbedding": "test_rotary_embedding_compiles_fullgraph, below"}
 
 
 def test_every_fasttx_nn_module_is_covered():
@@ -41,3 +43,17 @@ def test_compiles_fullgraph_and_matches_eager(name):
         results.append([out.detach(), leaf.grad] + [p.grad.clone() for p in module.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_rotary_embedding_compiles_fullgraph():
+    """RotaryEmbedding's forward is (x, position_ids) -> (cos, sin): the tables of a compiled call are
+    the eager ones, also with llama3 frequency scaling."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    for rope in (fasttx.nn.RotaryEmbedding(D), fasttx.nn.RotaryEmbedding(D, base=500000.0, scaling=scaling)):
+        x = torch.randn(2, 4, 13, D, dtype=torch.bfloat16)
+        positions = torch.arange(100, 113).expand(2, 13)
+        compiled = torch.compile(rope, fullgraph=True, backend="aot_eager")
+        for got, want in zip(compiled(x, positions), rope(x, positions)):
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -7,9 +7,10 @@ else (a pickled object that could run code) is refused:
     format        "fasttx.lm.checkpoint"
     version       FORMAT_VERSION (bumped when the layout changes; versions not in READABLE_VERSIONS are refused)
     step          optimizer updates done; a resumed run continues the loop at this step
-    model         the GPT's state_dict (tied lm_head.weight and tok_emb.weight both present)
+    model         the GPT's state_dict (tied lm_head.weight and tok_emb.weight both present; arch "llama": untied)
     optimizer     the AdamW state_dict
-    model_config  GPTConfig.to_dict()
+    model_config  GPTConfig.to_dict() (files written before arch "llama" lack arch, n_kv_head, d_hidden,
+                  rope_base: their defaults describe the GPT-2 style model they hold)
     train_config  the TrainConfig as a dict of plain types
     rng           {"cpu": [state per rank], "cuda": [state per rank] or None}: dropout's RNG
     world_size    ranks of the run that wrote it
@@ -321,10 +322,13 @@ def check_state_fits_config(state: dict, config: GPTConfig, path) -> None:
     sizes = {"vocab_size": emb.shape[0], "d_model": emb.shape[1], "n_layer": len(layers)}
     if config.pos_encoding == "learned" and isinstance(state.get("pos_emb.weight"), torch.Tensor):
         sizes["block_size"] = state["pos_emb.weight"].shape[0]
+    if config.arch == "llama" and isinstance(state.get("blocks.0.mlp.gate_proj.weight"), torch.Tensor):
+        sizes["d_hidden"] = state["blocks.0.mlp.gate_proj.weight"].shape[0]
     diffs = [f"{k} {getattr(config, k)} but the tensors give {v}" for k, v in sizes.items() if getattr(config, k) != v]
-    if config.pos_encoding == "sinusoidal" and config.block_size > MAX_SINUSOIDAL_BLOCK_SIZE:
+    # no tensor gives block_size for formula positions: it is bounded instead
+    if config.pos_encoding in ("sinusoidal", "rope") and config.block_size > MAX_SINUSOIDAL_BLOCK_SIZE:
         diffs.append(f"block_size {config.block_size} is over the {MAX_SINUSOIDAL_BLOCK_SIZE} allowed for "
-                     f"sinusoidal positions")
+                     f"{config.pos_encoding} positions")
     if diffs:
         raise CheckpointError(f"checkpoint {path}: its model config does not match its tensors: " + "; ".join(diffs))
     with torch.device("meta"):
@@ -491,12 +495,13 @@ def save_safetensors(path, model: GPT, step: int | None = None, state: dict | No
     from safetensors.torch import save as st_save
 
     state = model.state_dict() if state is None else state  # FSDP: the full state gathered on rank 0
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k != TIED_KEY}
+    tied = model.config.arch == "gpt"  # arch "llama" has its own lm_head.weight, stored as any tensor
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k != TIED_KEY or not tied}
     bad = _nonfinite(tensors)
     if bad:
         raise CheckpointWriteError(f"not writing {path}: the model holds NaN or Inf ({bad[:3]})")
     metadata = {"format": "pt", "fasttx_format": FORMAT, "model_config": json.dumps(model.config.to_dict()),
-                "tied_weights": json.dumps({TIED_KEY: TIED_TO}), "sha256": state_digest(tensors)}
+                "tied_weights": json.dumps({TIED_KEY: TIED_TO} if tied else {}), "sha256": state_digest(tensors)}
     if step is not None:
         metadata["step"] = str(int(step))
     return atomic_write(path, st_save(tensors, metadata=metadata))
@@ -528,8 +533,8 @@ def load_safetensors(path, map_location="cpu") -> dict:
         config, step = json.loads(metadata["model_config"]), int(metadata.get("step", -1))
     except ValueError as err:
         raise CheckpointError(f"safetensors file {path}: bad model_config or step metadata ({err})") from None
-    if TIED_TO in state:
-        state.setdefault(TIED_KEY, state[TIED_TO])
     config = model_config_from_dict(config, path)
+    if TIED_TO in state and config.arch == "gpt":  # tied: stored once (arch "llama" stores its own head)
+        state.setdefault(TIED_KEY, state[TIED_TO])
     check_state_fits_config(state, config, path)
     return {"model": state, "model_config": config.to_dict(), "step": step}

@@ -37,7 +37,7 @@ from fasttx import info
 from fasttx.lm import args as argtypes
 from fasttx.lm.data import TokenData, default_cache_dir, prepare_corpus
 from fasttx.lm.train import TrainConfig, lr_at, make_optimizer, train_step
-from fasttx.models.gpt import GPT, GPTConfig
+from fasttx.models.gpt import ARCHS, GPT, GPTConfig
 
 PROVIDERS = ("eager", "fused")
 DTYPES = ("fp32", "bf16")
@@ -117,7 +117,8 @@ def _train_step(model, opt, x, y, lr: float, dtype: str) -> float:
 def compare(steps: int = 50, n_layer: int = 6, n_head: int = 6, d_model: int = 384, block_size: int = 256,
             batch_size: int = 8, dtype: str = "fp32", threads: Optional[int] = None, seed: int = 0,
             lr: float = 1e-3, data: Optional[list] = None, out=None, device=None, warmup_steps: int = 2,
-            cache_dir=None, progress: bool = True, file_stem: str = "compare") -> dict:
+            cache_dir=None, progress: bool = True, file_stem: str = "compare", arch: str = "gpt",
+            n_kv_head: Optional[int] = None, d_hidden: Optional[int] = None) -> dict:
     """Train eager and fused for `steps` steps and return (and write as JSON and PNG) the results."""
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0)):
         if not isinstance(value, int) or value < low:
@@ -132,7 +133,8 @@ def compare(steps: int = 50, n_layer: int = 6, n_head: int = 6, d_model: int = 3
     if not lr > 0:
         raise ValueError(f"compare: lr must be > 0, got {lr}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model, kernels="eager")
+    base = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model, kernels="eager",
+                     arch=arch, n_kv_head=n_kv_head, d_hidden=d_hidden)
     corpus = TokenData(prepare_corpus(data or None, Path(cache_dir or default_cache_dir())), block_size)
     out = Path(out) if out is not None else Path("bench", "results", device.type)
 
@@ -214,7 +216,8 @@ def _plot(results: dict, path: str) -> None:
     c, s = results["config"], results["settings"]
     if s["warmup_steps"]:
         top.axvspan(-0.5, s["warmup_steps"] - 0.5, color="0.92", label="warmup (untimed)")
-    top.set_title(f"GPT {c['n_layer']}L d{c['d_model']} T{c['block_size']} B{s['batch_size']}, {s['dtype']}, "
+    name = "LLaMA-style" if c.get("arch") == "llama" else "GPT"
+    top.set_title(f"{name} {c['n_layer']}L d{c['d_model']} T{c['block_size']} B{s['batch_size']}, {s['dtype']}, "
                   f"AdamW peak lr {s['lr']:g}, {results['machine']['threads']} threads")
     top.set_ylabel("train loss (nats)")
     top.legend()
@@ -231,6 +234,12 @@ def add_arguments(parser) -> None:
     for name in DEFAULTS:
         parser.add_argument("--" + name.replace("_", "-"), type=argtypes.integer(1), default=None,
                             help=f"default {DEFAULTS[name]} ({QUICK[name]} with --quick)")
+    parser.add_argument("--arch", choices=ARCHS, default="gpt", help="gpt (default) or llama (RMSNorm, rotary, "
+                        "SwiGLU, GQA, untied head); llama results are written as compare[_quick]_llama_<dtype>.*")
+    parser.add_argument("--n-kv-head", type=argtypes.integer(1), default=None,
+                        help="llama: key/value heads (default: n_head)")
+    parser.add_argument("--d-hidden", type=argtypes.integer(1), default=None,
+                        help="FFN width (default: GPTConfig's for the arch)")
     parser.add_argument("--quick", action="store_true", help="a small model for a fast look: "
                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " (explicit flags still win)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="bf16 = autocast around forward and loss")
@@ -250,7 +259,10 @@ def add_arguments(parser) -> None:
 def format_report(r: dict) -> str:
     m, s = r["machine"], r["settings"]
     lines = [f"machine: {m['cpu']}, {m['threads']} threads, {m['allocator']} malloc, torch {m['torch']}, {m['date']}",
-             f"{s['steps']} steps ({s['warmup_steps']} warmup, untimed), {s['dtype']}, device {s['device']}", "",
+             f"{s['steps']} steps ({s['warmup_steps']} warmup, untimed), {s['dtype']}, device {s['device']}",
+             f"model: arch {r['config'].get('arch', 'gpt')}, {r['config']['n_layer']} layers, d_model "
+             f"{r['config']['d_model']}, {r['config']['n_head']} heads ({r['config'].get('n_kv_head')} key/value), "
+             f"d_hidden {r['config'].get('d_hidden')}, T {r['config']['block_size']}", "",
              "| provider | step ms median [q20-q80] | tokens/s | peak MiB (static + step) | final loss |",
              "|---|---|---|---|---|"]
     for p in PROVIDERS:
@@ -283,7 +295,9 @@ def main(args) -> int:
         argtypes.check_device(args.device)
         results = compare(**sizes, dtype=args.dtype, threads=args.threads, seed=args.seed, lr=args.lr,
                           data=args.data, out=args.out, device=args.device, warmup_steps=args.warmup_steps,
-                          file_stem="compare_quick" if args.quick else "compare")
+                          file_stem=("compare_quick" if args.quick else "compare")
+                          + ("_llama" if args.arch == "llama" else ""),
+                          arch=args.arch, n_kv_head=args.n_kv_head, d_hidden=args.d_hidden)
     except ValueError as err:
         print(f"fasttx compare: error: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@
   uninterrupted one. DIR/metrics.jsonl keeps its lines up to that step (later ones, written after the
   last checkpoint, are dropped) and is appended to. Model flags left out take the checkpoint's values;
   flags that disagree with it are an error (except --kernels: both paths share the parameters).
+- ``--arch llama`` trains the LLaMA-style model (``--n-kv-head``, ``--d-hidden``, ``--rope-base``); its
+  untied lm_head.weight is a 2-D matmul weight and decays like the blocks' weights.
 - Ctrl-C (SIGINT) finishes the current update, saves a checkpoint, prints where, and exits with code
   130. Further SIGINTs are ignored (torchrun forwards the terminal's one again); kill -TERM aborts.
 - A non-finite loss or gradient norm stops the run (TrainingDiverged, exit 1) without saving: the last
@@ -51,9 +53,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fasttx.lm import args as argtypes
 from fasttx.lm import checkpoint as ckpt_io
 from fasttx.lm.data import TokenData, default_cache_dir, prepare_corpus
-from fasttx.models.gpt import KERNELS, POSITION_ENCODINGS, GPT, GPTConfig
+from fasttx.models.gpt import ARCHS, KERNELS, POSITION_ENCODINGS, GPT, GPTConfig
 
-MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "pos_encoding", "dropout", "kernels")
+MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "pos_encoding", "dropout", "kernels", "arch",
+                "n_kv_head", "d_hidden", "rope_base")
 # Changing these on --resume makes a different run from then on: allowed, with a warning.
 TRAJECTORY_FIELDS = ("data", "batch_size", "grad_accum", "steps", "lr", "min_lr", "warmup", "weight_decay",
                      "grad_clip", "seed", "dtype", "world_size")
@@ -74,9 +77,13 @@ class TrainConfig:
     n_head: int = 6
     d_model: int = 384
     block_size: int = 256
-    pos_encoding: str = "learned"
+    pos_encoding: str | None = None           # None: GPTConfig's default for the arch
     dropout: float = 0.0
     kernels: str = "fused"
+    arch: str = "gpt"                         # "gpt" | "llama"
+    n_kv_head: int | None = None              # None: n_head
+    d_hidden: int | None = None               # None: GPTConfig's default for the arch
+    rope_base: float = 10000.0
     steps: int = 1000
     batch_size: int = 16                      # per rank and micro-step
     grad_accum: int = 1
@@ -420,6 +427,13 @@ def add_arguments(p) -> None:
     model.add_argument("--dropout", type=real(0.0, below=1.0), default=None, help="in [0, 1)")
     model.add_argument("--pos-encoding", choices=POSITION_ENCODINGS, default=None)
     model.add_argument("--kernels", choices=KERNELS, default=None)
+    model.add_argument("--arch", choices=ARCHS, default=None, help="gpt (GPT-2 style, default) or llama (RMSNorm, "
+                       "rotary, SwiGLU, grouped-query attention, untied head, no biases)")
+    model.add_argument("--n-kv-head", type=count, default=None, help="llama: key/value heads, dividing --n-head "
+                       "(default: n_head)")
+    model.add_argument("--d-hidden", type=count, default=None, help="FFN width (default: 4 d_model for gpt, "
+                       "8/3 d_model rounded up to a multiple of 64 for llama)")
+    model.add_argument("--rope-base", type=real(1.0, above=True), default=None, help="llama: rotary base (10000)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--steps", type=count, default=d.steps, help="optimizer updates in the whole run")
     opt.add_argument("--batch-size", type=count, default=d.batch_size,

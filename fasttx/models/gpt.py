@@ -14,11 +14,24 @@ Both read the same modules, so a checkpoint of one loads into the other and
 the two compute the same function: that is what ``python -m fasttx compare``
 measures.
 
-Layout, GPT-2 style (pre-LN):
+Layout, GPT-2 style (pre-LN, ``arch="gpt"``, the default):
 
     x = tok_emb(idx) + position(idx)           learned or sinusoidal positions
     x = block(x)  for each of n_layer blocks   causal self-attention, then FFN
     logits = lm_head(ln_f(x))                  lm_head.weight is tok_emb.weight
+
+or LLaMA style (``arch="llama"``): no biases, RMSNorm (eps 1e-5) instead of
+LayerNorm, rotary position embeddings (rotate-half, ``rope_base``) on q and k
+instead of added positions, grouped-query attention (``n_kv_head`` key/value
+heads shared by groups of n_head / n_kv_head query heads), a SwiGLU FFN
+(``down_proj(silu(gate_proj(h)) * up_proj(h))``, width ``d_hidden``) and an
+untied LM head. Its blocks (``LlamaBlock``) carry transformers' LlamaDecoderLayer
+names (input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
+mlp.{gate,up,down}_proj); the fused path runs fasttx.rms_norm, fasttx.linear,
+fasttx.apply_rotary, fasttx.scaled_dot_product_attention (GQA without copying
+k and v), fasttx.glu_ffn and fasttx.cross_entropy; the eager path F.rms_norm,
+F.linear, the rotate-half formula, F.scaled_dot_product_attention(enable_gqa=True),
+F.silu and F.cross_entropy.
 
 ``generate`` decodes with a KV cache; ``use_cache=False`` recomputes the whole
 context each step, and the two give the same tokens.
@@ -33,16 +46,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.nn import LayerNorm, TransformerBlock
+from fasttx.nn import GLUFFN, LayerNorm, RMSNorm, RotaryEmbedding, TransformerBlock
 from fasttx.nn.normalization import add_norm, normed_operand
 from fasttx.nn.recompute import autocast_dtype, autocast_operand, recomputed_activations
+from fasttx.ops.apply_rotary import apply_rotary
 from fasttx.ops.attention import scaled_dot_product_attention
 from fasttx.ops.cross_entropy import cross_entropy
 from fasttx.ops.gelu_ffn import gelu_ffn
+from fasttx.ops.glu_ffn import glu_ffn
 from fasttx.ops.linear import linear
 
-POSITION_ENCODINGS = ("learned", "sinusoidal")
+POSITION_ENCODINGS = ("learned", "sinusoidal", "rope")  # "rope": arch "llama" only, and the only one it takes
 KERNELS = ("fused", "eager")
+ARCHS = ("gpt", "llama")
+RMS_NORM_EPS = 1e-5
+
+
+def llama_hidden(d_model: int) -> int:
+    """LLaMA's FFN width for d_model: 2/3 of 4 d_model (the parameters of a 4 d_model GELU FFN, spread over
+    three matrices), rounded up to a multiple of 64 (LLaMA's ``multiple_of``; 256 in the 7B model)."""
+    return -(-(8 * d_model // 3) // 64) * 64
 
 
 @dataclasses.dataclass
@@ -53,11 +76,26 @@ class GPTConfig:
     n_head: int = 6
     d_model: int = 384
     dropout: float = 0.0
-    pos_encoding: str = "learned"   # "learned" | "sinusoidal" (the original Transformer's formula)
+    # None: "learned" for arch "gpt" (or "sinusoidal", the original Transformer's formula), "rope" for "llama"
+    pos_encoding: Optional[str] = None
     kernels: str = "fused"          # "fused" | "eager"
+    # Added with the LLaMA architecture; a config (checkpoint) without them is a GPT-2 style model as before.
+    arch: str = "gpt"               # "gpt" | "llama"
+    n_kv_head: Optional[int] = None  # key/value heads (llama: n_head a multiple of it); None: n_head
+    d_hidden: Optional[int] = None  # FFN width; None: 4 d_model (gpt), llama_hidden(d_model) (llama)
+    rope_base: float = 10000.0      # llama: rotary frequencies base ** (-2i / head_dim)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+        if self.arch not in ARCHS:
+            raise ValueError(f"GPTConfig: arch must be one of {ARCHS}, got {self.arch!r}")
+        llama = self.arch == "llama"
+        if self.pos_encoding is None:
+            self.pos_encoding = "rope" if llama else "learned"
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_hidden is None and isinstance(self.d_model, int):
+            self.d_hidden = llama_hidden(self.d_model) if llama else 4 * self.d_model
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "n_kv_head", "d_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
@@ -69,6 +107,31 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: pos_encoding must be one of {POSITION_ENCODINGS}, got {self.pos_encoding!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"GPTConfig: kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
+                or not math.isfinite(self.rope_base) or self.rope_base <= 1:
+            raise ValueError(f"GPTConfig: rope_base must be a finite number > 1, got {self.rope_base!r}")
+        self.rope_base = float(self.rope_base)
+        if llama:
+            if self.pos_encoding != "rope":
+                raise ValueError(f"GPTConfig: arch 'llama' takes pos_encoding 'rope' (rotary embeddings), got "
+                                 f"{self.pos_encoding!r}")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be a multiple of n_kv_head "
+                                 f"({self.n_kv_head}): each key/value head serves a group of query heads")
+            if (self.d_model // self.n_head) % 2:
+                raise ValueError(f"GPTConfig: arch 'llama' needs an even head dim for rotary embeddings (features "
+                                 f"rotate in pairs), got d_model {self.d_model} / n_head {self.n_head} = "
+                                 f"{self.d_model // self.n_head}")
+            if self.dropout:
+                raise ValueError(f"GPTConfig: arch 'llama' has no dropout, got dropout {self.dropout}")
+        else:
+            if self.pos_encoding == "rope":
+                raise ValueError("GPTConfig: pos_encoding 'rope' needs arch 'llama'; arch 'gpt' takes 'learned' or "
+                                 "'sinusoidal'")
+            if self.n_kv_head != self.n_head:
+                raise ValueError(f"GPTConfig: arch 'gpt' has as many key/value heads as query heads (n_head "
+                                 f"{self.n_head}), got n_kv_head {self.n_kv_head}; grouped-query attention needs "
+                                 f"arch 'llama'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,12 +155,45 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     return table.float()
 
 
+class LlamaAttention(torch.nn.Module):
+    """The projections of grouped-query self-attention, with LlamaAttention's names; GPT computes with them."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = dict(bias=False, device=device, dtype=dtype)
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.q_proj = torch.nn.Linear(d_model, n_head * self.head_dim, **factory)
+        self.k_proj = torch.nn.Linear(d_model, n_kv_head * self.head_dim, **factory)
+        self.v_proj = torch.nn.Linear(d_model, n_kv_head * self.head_dim, **factory)
+        self.o_proj = torch.nn.Linear(n_head * self.head_dim, d_model, **factory)
+
+
+class LlamaBlock(torch.nn.Module):
+    """A LLaMA decoder layer's parameters (LlamaDecoderLayer's names): x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, c: GPTConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.input_layernorm = RMSNorm(c.d_model, eps=RMS_NORM_EPS, **factory)
+        self.self_attn = LlamaAttention(c.d_model, c.n_head, c.n_kv_head, **factory)
+        self.post_attention_layernorm = RMSNorm(c.d_model, eps=RMS_NORM_EPS, **factory)
+        self.mlp = GLUFFN(c.d_model, c.d_hidden, "silu", bias=False, **factory)
+
+
 class GPT(torch.nn.Module):
     def __init__(self, config: GPTConfig, device=None, dtype=None) -> None:
         super().__init__()
         self.config = config
         c, factory = config, dict(device=device, dtype=dtype)
         self.tok_emb = torch.nn.Embedding(c.vocab_size, c.d_model, **factory)
+        if c.arch == "llama":
+            # inv_freq is a non-persistent buffer: the state_dict holds no position tensor at all
+            self.rotary = RotaryEmbedding(c.d_model // c.n_head, c.rope_base, device=device)
+            self.blocks = torch.nn.ModuleList(LlamaBlock(c, **factory) for _ in range(c.n_layer))
+            self.ln_f = RMSNorm(c.d_model, eps=RMS_NORM_EPS, **factory)
+            self.lm_head = torch.nn.Linear(c.d_model, c.vocab_size, bias=False, **factory)  # untied
+            self.reset_parameters()
+            return
         if c.pos_encoding == "learned":
             self.pos_emb = torch.nn.Embedding(c.block_size, c.d_model, **factory)
         else:
@@ -105,7 +201,7 @@ class GPT(torch.nn.Module):
             self.register_buffer("pos_table", sinusoidal_positions(c.block_size, c.d_model).to(device),
                                  persistent=False)
         self.blocks = torch.nn.ModuleList(
-            TransformerBlock(c.d_model, c.n_head, 4 * c.d_model, "gelu", c.dropout, norm_first=True, is_causal=True,
+            TransformerBlock(c.d_model, c.n_head, c.d_hidden, "gelu", c.dropout, norm_first=True, is_causal=True,
                              **factory)
             for _ in range(c.n_layer))
         self.ln_f = LayerNorm(c.d_model, **factory)
@@ -121,6 +217,14 @@ class GPT(torch.nn.Module):
                 torch.nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                torch.nn.init.ones_(module.weight)
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        if self.config.arch == "llama":
+            for block in self.blocks:
+                torch.nn.init.normal_(block.self_attn.o_proj.weight, std=std)
+                torch.nn.init.normal_(block.mlp.down_proj.weight, std=std)
+            return
         for block in self.blocks:
             torch.nn.init.normal_(block.self_attn.in_proj_weight, std=0.02)
             torch.nn.init.zeros_(block.self_attn.in_proj_bias)
@@ -139,6 +243,8 @@ class GPT(torch.nn.Module):
             raise ValueError(f"GPT: positions {start}..{start + idx.shape[1] - 1} exceed block_size "
                              f"{self.config.block_size}")
         x = self.tok_emb(idx)
+        if self.config.arch == "llama":  # positions enter through q and k (rotary)
+            return x
         if self.config.pos_encoding == "learned":
             x = x + self.pos_emb.weight[start:start + idx.shape[1]]
         else:
@@ -149,7 +255,9 @@ class GPT(torch.nn.Module):
         """idx (batch, seq_len) token ids. Returns (logits (batch, seq_len, vocab), mean cross-entropy or None)."""
         x = self._embed(idx)
         eager = self.config.kernels == "eager"
-        if eager:
+        if self.config.arch == "llama":
+            logits = self._llama(x, None, eager)
+        elif eager:
             for block in self.blocks:  # under FSDP2, fasttx.lm.fsdp gives blocks a forward_eager that gathers them
                 x = block.forward_eager(x) if hasattr(block, "forward_eager") else _eager_block(block, x)
             logits = self.lm_head(_norm(self.ln_f, x, eager))
@@ -206,10 +314,28 @@ class GPT(torch.nn.Module):
         if cache is None:
             return self(idx)[0]
         x, eager = self._embed(idx, cache.length), self.config.kernels == "eager"
+        if self.config.arch == "llama":
+            logits = self._llama(x, cache, eager)
+            cache.length += idx.shape[1]
+            return logits
         for layer, block in enumerate(self.blocks):
             x = _cached_block(block, x, cache, layer, eager)
         cache.length += idx.shape[1]
         return self.lm_head(_norm(self.ln_f, x, eager))
+
+    def _llama(self, x: Tensor, cache: Optional["KVCache"], eager: bool) -> Tensor:
+        """The logits of arch "llama" for x (batch, t, d_model) at positions cache.length.. (0.. without one)."""
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        cos, sin = self.rotary(x, positions)  # (t, head_dim) in x's dtype, computed in fp32
+        if eager:
+            for layer, block in enumerate(self.blocks):
+                x = _llama_block(block, x, cos, sin, True, cache, layer)
+            return F.linear(_norm(self.ln_f, x, True), self.lm_head.weight)
+        with recomputed_activations():  # norm outputs are rebuilt in backward, not kept
+            for layer, block in enumerate(self.blocks):
+                x = _llama_block(block, x, cos, sin, False, cache, layer)
+            return linear(normed_operand(self.ln_f, x), autocast_operand(self.lm_head.weight))
 
 
 class KVCache:
@@ -217,7 +343,7 @@ class KVCache:
 
     def __init__(self, model: GPT, batch: int) -> None:
         c, weight = model.config, model.tok_emb.weight
-        shape = (batch, c.n_head, c.block_size, c.d_model // c.n_head)
+        shape = (batch, c.n_kv_head, c.block_size, c.d_model // c.n_head)  # n_kv_head: GQA keeps fewer
         self.keys = [weight.new_empty(shape) for _ in range(c.n_layer)]
         self.values = [weight.new_empty(shape) for _ in range(c.n_layer)]
         self.length = 0
@@ -228,8 +354,70 @@ def _split_heads(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv.view(batch, seq, 3, n_head, width // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _norm(norm: LayerNorm, x: Tensor, eager: bool) -> Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps) if eager else norm(x)
+def _norm(norm, x: Tensor, eager: bool) -> Tensor:
+    if not eager:
+        return norm(x)
+    if isinstance(norm, RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _rotate_half(t: Tensor) -> Tensor:
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+def _eager_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotate-half formula in fp32 (fp64 for fp64), rounded once to t's dtype (as fasttx.apply_rotary)."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    wide = t.to(acc)
+    return (wide * cos.to(acc) + _rotate_half(wide) * sin.to(acc)).to(t.dtype)
+
+
+def _llama_block(block: LlamaBlock, x: Tensor, cos: Tensor, sin: Tensor, eager: bool,
+                 cache: Optional["KVCache"] = None, layer: int = 0) -> Tensor:
+    """One LLaMA decoder layer over positions start..start+t-1 (start = cache.length, 0 without a cache).
+
+    eager: plain PyTorch; else fasttx's ops, norm outputs and autocast casts made where
+    recomputed_activations() rebuilds them in backward.
+    """
+    attn, (batch, t, d_model) = block.self_attn, x.shape
+    hd = attn.head_dim
+    if eager:
+        h = _norm(block.input_layernorm, x, True)
+        proj = lambda w: F.linear(h, w)
+    else:
+        h = normed_operand(block.input_layernorm, x)
+        proj = lambda w: linear(h, autocast_operand(w))
+    q = proj(attn.q_proj.weight).view(batch, t, attn.n_head, hd).transpose(1, 2)
+    k = proj(attn.k_proj.weight).view(batch, t, attn.n_kv_head, hd).transpose(1, 2)
+    v = proj(attn.v_proj.weight).view(batch, t, attn.n_kv_head, hd).transpose(1, 2)
+    if eager:
+        q, k = _eager_rotary(q, cos, sin), _eager_rotary(k, cos, sin)
+    else:
+        q, k = apply_rotary(q, k, cos, sin)
+    mask, causal = None, t > 1
+    if cache is not None:
+        start = cache.length
+        cache.keys[layer][:, :, start:start + t] = k
+        cache.values[layer][:, :, start:start + t] = v
+        k, v = cache.keys[layer][:, :, :start + t], cache.values[layer][:, :, :start + t]
+        # as in _cached_block: is_causal aligns top-left, right only when nothing is cached yet
+        if start > 0 and t > 1:
+            mask, causal = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start), False
+    sdpa = F.scaled_dot_product_attention if eager else scaled_dot_product_attention
+    y = sdpa(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=attn.n_kv_head != attn.n_head)
+    y = y.transpose(1, 2).reshape(batch, t, attn.n_head * hd)
+    mlp = block.mlp
+    if eager:
+        x = x + F.linear(y, attn.o_proj.weight)
+        h = _norm(block.post_attention_layernorm, x, True)
+        return x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
+                            mlp.down_proj.weight)
+    x = x + linear(y, autocast_operand(attn.o_proj.weight))
+    h = normed_operand(block.post_attention_layernorm, x)
+    op = autocast_operand
+    return x + glu_ffn(h, op(mlp.gate_proj.weight), op(mlp.up_proj.weight), op(mlp.down_proj.weight), "silu")
 
 
 def _ffn(block: TransformerBlock, h: Tensor, eager: bool) -> Tensor:
