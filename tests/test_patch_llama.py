@@ -103,12 +103,18 @@ def test_the_report_lists_every_norm_and_attention_and_only_what_runs(family):
     if family == "qwen3":
         assert "model.layers.0.self_attn.q_norm" in replaced and "model.layers.1.self_attn.k_norm" in replaced
     for path in attentions:
-        if family == "gemma2":  # fasttx's attention computes no logit softcapping
-            assert "soft-capped" in left_alone[path] and path not in replaced
+        if family == "gemma2":  # fasttx's attention computes no logit softcapping: the rotary alone is fasttx's
+            assert replaced[path].startswith("rotary: fasttx.apply_rotary; attention left as transformers'")
+            assert "soft-capped" in replaced[path]
         else:
-            assert "AttentionInterface" in replaced[path]
+            assert replaced[path] == ("fasttx.scaled_dot_product_attention (through AttentionInterface); "
+                                      "rotary: fasttx.apply_rotary")
+    mlps = [path for path, m in modules.items() if type(m).__name__ in hf_llama.MLPS]
+    assert len(mlps) == 2
+    for path in mlps:
+        assert replaced[path] == f"fasttx.glu_ffn ({'gelu_tanh' if family.startswith('gemma') else 'silu'})"
     assert replaced[""].startswith("loss_function: fasttx.cross_entropy")
-    assert "glu_ffn" in left_alone["model.layers.0.mlp"] and "apply_rotary" in left_alone["model.rotary_emb"]
+    assert "apply_rotary" in left_alone["model.rotary_emb"] and set(left_alone) == {"model.rotary_emb"}
     assert report.fused == []
     ids, mask, labels = _batch(padding=True)
     assert_report_tells_what_runs(patched, report, lambda: patched(input_ids=ids, attention_mask=mask, labels=labels))
@@ -119,6 +125,43 @@ def test_the_report_lists_every_norm_and_attention_and_only_what_runs(family):
 def test_same_logits_loss_and_gradients(family, padding):
     plain, patched, _ = _pair(family)
     ids, mask, labels = _batch(padding)
+    _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
+
+
+def test_phi3_fused_gate_up_proj_runs_as_views_and_partial_rotary_is_fasttx():
+    """Phi-3's gate_up_proj (2h, d), chunked (gate, up): glu_ffn gets W[:h] and W[h:], views of the one
+    parameter, whose gradient is the same; a partial rotary (partial_rotary_factor 0.5: the first half of each
+    head rotates) goes through fasttx.apply_rotary too, and the state_dict is unchanged."""
+    if "phi3" not in CONFIG_MAPPING:
+        pytest.skip("no phi3")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("phi3", **COMMON, **FAMILIES["phi3"], partial_rotary_factor=0.5)
+    plain = AutoModelForCausalLM.from_config(config)
+    patched = copy.deepcopy(plain)
+    report = dict(fasttx.patch(patched).replaced)
+    assert "rotary: fasttx.apply_rotary" in report["model.layers.0.self_attn"]
+    assert report["model.layers.0.mlp"] == "fasttx.glu_ffn (silu)"
+    assert list(patched.state_dict()) == list(plain.state_dict())
+    calls = []
+    real = hf_llama.glu_ffn
+    with mock.patch.object(hf_llama, "glu_ffn", lambda x, wg, wu, *a, **k: calls.append((wg, wu)) or real(x, wg, wu, *a, **k)), \
+            mock.patch.object(hf_llama, "apply_rotary", wraps=hf_llama.apply_rotary) as rotary:
+        ids, mask, labels = _batch(padding=True)
+        _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
+    w = patched.model.layers[0].mlp.gate_up_proj.weight
+    wg, wu = calls[0]
+    assert wg.data_ptr() == w.data_ptr() and wu.data_ptr() == w[w.shape[0] // 2:].data_ptr()  # views, no copy
+    assert rotary.call_count == 2 and rotary.call_args[0][2].shape[-1] == 8  # head_dim 16, half of it rotated
+
+
+def test_an_mlp_with_an_activation_glu_ffn_lacks_is_left_alone_and_runs_as_before():
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **COMMON, hidden_act="relu"))
+    patched = copy.deepcopy(plain)
+    report = fasttx.patch(patched)
+    assert "is not silu, gelu or gelu_tanh" in dict(report.left_alone)["model.layers.0.mlp"]
+    assert "model.layers.0.mlp" not in dict(report.replaced)
+    ids, mask, labels = _batch(padding=True)
     _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
 
 
