@@ -30,6 +30,7 @@ and the LM head with its loss as one fused linear + cross-entropy
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 from typing import Optional
@@ -63,6 +64,7 @@ PENDING = {
                        "attention module",
 }
 MLPS = frozenset(f"{name}MLP" for name in FAMILY)
+CAUSAL_LMS = frozenset(f"{name}ForCausalLM" for name in FAMILY)
 
 
 def recognise(module: torch.nn.Module, options: Options):
@@ -76,6 +78,8 @@ def recognise(module: torch.nn.Module, options: Options):
         return _attention(module, options)
     if name in MLPS:
         return _mlp(module, options)
+    if name in CAUSAL_LMS:
+        return _causal_lm(module, options)
     for prefix in FAMILY:
         if name.startswith(prefix) and name[len(prefix):] in PENDING:
             return PENDING[name[len(prefix):]]
@@ -306,3 +310,89 @@ def _attention(module, options: Options):
                      found.attributes)
     return Patch(_llama_attention_methods, (type(module), partial, False),
                  f"{what}; attention left as transformers': {found}")
+
+
+# ---- the LM head and its loss ----------------------------------------------------------------
+
+# What the *ForCausalLM forward this patch rebuilds reads (transformers 5.x): its model, the hidden states
+# sliced by logits_to_keep, lm_head, loss_function, the output class; Gemma 2's final logit softcapping.
+_CAUSAL_LM_NAMES = frozenset({"CausalLMOutputWithPast", "attentions", "cache", "past_key_values", "config",
+                              "hidden_states", "last_hidden_state", "lm_head", "loss_function", "model",
+                              "slice_logits_to_keep", "vocab_size", "final_logit_softcapping", "tanh", "torch"})
+_SOFTCAP = "final_logit_softcapping"
+
+
+def causal_lm_linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                          softcap: Optional[float] = None, num_items_in_batch: Optional[Tensor] = None,
+                          ignore_index: int = -100, shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """transformers' ForCausalLMLoss of ``softcap(hidden @ weight.T + bias)`` without the logits: token t
+    predicts label t + 1 (or ``shift_labels``); the mean over labels that are not ignore_index, or the sum
+    over num_items_in_batch when given; float32, as ForCausalLMLoss upcasts its logits."""
+    from fasttx.ops.linear_cross_entropy import linear_cross_entropy
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                shift_labels.reshape(-1).to(hidden.device), bias, ignore_index, reduction,
+                                softcap=softcap).float()
+    if reduction == "sum":
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    return loss
+
+
+def _causal_lm(module, options: Options):
+    found = hf_transformers._causal_lm_loss(module, options)
+    if not isinstance(found, Patch):
+        return found
+    if options.keep_logits:
+        return Patch(found.methods, found.args, f"{found.what}; the LM head runs (keep_logits=True)")
+    why = _causal_lm_forward_unknown(module)
+    if why is not None:
+        return Patch(found.methods, found.args, f"{found.what}; the LM head runs: {why}")
+    return Patch(_causal_lm_methods, (type(module),),
+                 "lm_head + loss: fasttx.linear_cross_entropy in training with labels (logits=None; "
+                 "keep_logits=True keeps them); otherwise loss_function: fasttx.cross_entropy "
+                 "(ForCausalLMLoss's contract)")
+
+
+def _causal_lm_forward_unknown(module) -> Optional[str]:
+    forward = inspect.unwrap(type(module).forward)
+    params = list(inspect.signature(forward).parameters.values())
+    names = [p.name for p in params]
+    if "labels" not in names or "logits_to_keep" not in names or params[-1].kind != inspect.Parameter.VAR_KEYWORD:
+        return "its forward does not take (..., labels, ..., logits_to_keep, **kwargs) as transformers 5's does"
+    unknown = set(forward.__code__.co_names) - _CAUSAL_LM_NAMES
+    if unknown:
+        return f"its forward reads {sorted(unknown)}, which the fused LM head + loss does not compute"
+    if "slice_logits_to_keep" not in forward.__globals__ or not _is_linear(getattr(module, "lm_head", None)):
+        return "it has no slice_logits_to_keep or no torch.nn.Linear lm_head"
+    if not isinstance(getattr(module, "model", None), torch.nn.Module):
+        return "it has no base model in .model"
+    return None
+
+
+def _causal_lm_methods(original: type) -> dict:
+    forward = inspect.unwrap(original.forward)
+    names = tuple(p.name for p in inspect.signature(forward).parameters.values()
+                  if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD)[1:]  # without self
+    slice_logits_to_keep = forward.__globals__["slice_logits_to_keep"]
+    output_class = forward.__globals__.get("CausalLMOutputWithPast")
+    softcapped = _SOFTCAP in forward.__code__.co_names
+    output_fields = frozenset(f.name for f in dataclasses.fields(output_class)) - {"loss", "logits"} \
+        if dataclasses.is_dataclass(output_class) else frozenset()
+
+    def patched_forward(self, *args, **kwargs):
+        call = dict(zip(names, args), **kwargs)
+        if (call.get("labels") is None or not self.training or len(args) > len(names) or output_class is None
+                or "return_dict" in call or "_loss_function" in self.__dict__ or runs_hooks(self.lm_head)):
+            return original.forward(self, *args, **kwargs)  # the logits as unpatched; the loss is patched
+        labels, logits_to_keep = call.pop("labels"), call.pop("logits_to_keep", 0)
+        outputs = self.model(**call)
+        hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        loss_kwargs = {k: v for k, v in call.items() if k not in names}  # what **kwargs held
+        loss = causal_lm_linear_loss(hidden, self.lm_head.weight, self.lm_head.bias, labels,
+                                     getattr(self.config, _SOFTCAP, None) if softcapped else None, **loss_kwargs)
+        rest = {k: v for k, v in outputs.items() if k in output_fields}
+        return output_class(loss=loss, logits=None, **rest)
+    return {**hf_transformers._loss_methods(), "forward": patched_forward}
