@@ -48,6 +48,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_bwd_cpu", &fasttx::cross_entropy_bwd_cpu, "cross-entropy over logits rows backward, CPU");
   m.def("apply_rotary_fwd_cpu", &fasttx::apply_rotary_fwd_cpu, "rotary position embeddings on q and k, CPU");
   m.def("apply_rotary_bwd_cpu", &fasttx::apply_rotary_bwd_cpu, "apply_rotary backward, CPU");
+  m.def("linear_cross_entropy_rows_cpu", &fasttx::linear_cross_entropy_rows_cpu,
+        "linear_cross_entropy's row kernel over a chunk of logits, CPU");
+  m.def("linear_cross_entropy_gemm_cpu", &fasttx::linear_cross_entropy_gemm_cpu,
+        "out (+)= a @ b on fasttx's CPU GEMM choice, for linear_cross_entropy's chunks");
   // For the tests: whether CPU attention takes our block GEMMs (cpu/block_gemm.h), and a switch to BLAS.
   m.def("block_gemm_available", &fasttx::block_gemm_available, "our fp32 block GEMMs in use for fp32 attention");
   m.def("bf16_block_gemm_available", &fasttx::bf16_block_gemm_available,
@@ -76,5 +80,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_bwd_cuda", &fasttx::cross_entropy_bwd_cuda, "cross-entropy over logits rows backward, CUDA");
   m.def("apply_rotary_fwd_cuda", &fasttx::apply_rotary_fwd_cuda, "rotary position embeddings on q and k, CUDA");
   m.def("apply_rotary_bwd_cuda", &fasttx::apply_rotary_bwd_cuda, "apply_rotary backward, CUDA");
+  m.def("linear_cross_entropy_rows_cuda", &fasttx::linear_cross_entropy_rows_cuda,
+        "linear_cross_entropy's row kernel over a chunk of logits, CUDA");
 #endif
 }

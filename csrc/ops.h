@@ -198,6 +198,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
     const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, bool has_b_gate, bool has_b_up,
     bool has_b_down, int64_t activation);
+// linear_cross_entropy's row kernel over one chunk of logits (C, V) contiguous
+// (fp32/fp64, or bf16/fp16), target (C,) int64 in [0, V) or ignore_index. With
+// z = softcap(x) = softcap * tanh(x / softcap) (z = x when softcap is 0),
+// m = max z, log_sum = log sum exp(z - m) and eps = label_smoothing, returns
+// (loss, lse), each (C,) in the opmath type: loss = (1 - eps)(m - z_t) +
+// eps / V * sum_j (m - z_j) + log_sum (0 for an ignored row), lse = m + log_sum.
+// With grad_rows (C,) (opmath type), overwrites the logits in place with
+// grad_rows[n] * (softmax(z) - (1 - eps) onehot(t) - eps / V) * (1 - (z / softcap)^2)
+// (no last factor without softcap; 0 for an ignored row).
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_rows_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& grad_rows,
+                                                                 int64_t ignore_index, double label_smoothing,
+                                                                 double softcap);
+// out = a @ b (out += a @ b when accumulate) on cpu/matmul.h's GEMM; one dtype; out contiguous.
+void linear_cross_entropy_gemm_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 #ifdef FASTTX_WITH_CUDA
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& bias, int64_t approximate);
@@ -257,6 +272,12 @@ std::tuple<at::Tensor, at::Tensor> apply_rotary_bwd_cuda(const at::Tensor& grad_
                                                          const at::Tensor& cos, const at::Tensor& sin,
                                                          const std::optional<at::Tensor>& position_ids,
                                                          bool interleaved);
+// linear_cross_entropy's row kernel on CUDA: the contract of linear_cross_entropy_rows_cpu (fp32/fp16/bf16
+// logits; a target outside [0, V) that is not ignore_index poisons its row with NaN).
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_rows_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                                  const std::optional<at::Tensor>& grad_rows,
+                                                                  int64_t ignore_index, double label_smoothing,
+                                                                  double softcap);
 #endif
 
 }  // namespace fasttx

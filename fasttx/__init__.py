@@ -10,16 +10,13 @@ if _torch_release < TORCH_FLOOR:
 
 from fasttx.backends import BACKENDS, BackendUnavailableError, use_backend  # noqa: E402
 from fasttx import nn  # noqa: E402
-from fasttx.ops import (add_layer_norm, bias_gelu, cross_entropy, gelu_ffn, layer_norm, rms_norm,  # noqa: E402
-                        scaled_dot_product_attention, softmax)
-from fasttx.ops import apply_rotary  # noqa: E402
-from fasttx.ops import glu, glu_ffn  # noqa: E402
+from fasttx.ops import (add_layer_norm, apply_rotary, bias_gelu, cross_entropy, gelu_ffn, glu, glu_ffn,  # noqa: E402
+                        layer_norm, linear_cross_entropy, rms_norm, scaled_dot_product_attention, softmax)
 from fasttx.patching import PatchReport, patch, unpatch  # noqa: E402
 from fasttx.patching.accelerate import accelerate  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "bias_gelu", "cross_entropy", "gelu_ffn", "layer_norm",
-           "add_layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax", "nn", "patch", "unpatch",
-           "PatchReport", "__version__", "TORCH_FLOOR"]
-__all__ += ["accelerate", "apply_rotary"]
-__all__ += ["glu", "glu_ffn"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "add_layer_norm", "apply_rotary", "bias_gelu",
+           "cross_entropy", "gelu_ffn", "glu", "glu_ffn", "layer_norm", "linear_cross_entropy", "rms_norm",
+           "scaled_dot_product_attention", "softmax", "nn", "patch", "unpatch", "accelerate", "PatchReport",
+           "__version__", "TORCH_FLOOR"]

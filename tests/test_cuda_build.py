@@ -129,3 +129,5 @@ def test_installed_extension_linked_cuda_kernels():
                  "cross_entropy_bwd_cuda",
                  "apply_rotary_fwd_cuda", "apply_rotary_bwd_cuda"):
         assert callable(getattr(ext, name, None)), f"fasttx._C is built with CUDA but lacks {name}"
+    assert callable(getattr(ext, "linear_cross_entropy_rows_cuda", None)), \
+        "fasttx._C is built with CUDA but lacks linear_cross_entropy_rows_cuda"

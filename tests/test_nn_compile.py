@@ -17,8 +17,12 @@ MODULES = {
 }
 
 
+# Modules whose forward is not x -> y, compiled in their own op's tests.
+COMPILED_ELSEWHERE = {"LinearCrossEntropy": "tests/test_linear_cross_entropy.py::test_module_compiles_fullgraph"}
+
+
 def test_every_fasttx_nn_module_is_covered():
-    assert set(MODULES) == set(fasttx.nn.__all__)
+    assert set(MODULES) | set(COMPILED_ELSEWHERE) == set(fasttx.nn.__all__)
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -1,10 +1,7 @@
 """The ops the suite knows, by name. One file per op (or kernel family); register it here."""
-from bench.ops import apply_rotary
-from bench.ops import attention, bias_gelu, cross_entropy, gelu_ffn, layer_norm, softmax
-from bench.ops import glu_ffn
+from bench.ops import (apply_rotary, attention, bias_gelu, cross_entropy, gelu_ffn, glu_ffn, layer_norm,
+                       linear_cross_entropy, softmax)
 
 OPS = {spec.name: spec for spec in (bias_gelu.SPEC, layer_norm.LAYER_NORM, layer_norm.ADD_LAYER_NORM,
                                     layer_norm.RMS_NORM, gelu_ffn.SPEC, attention.SPEC, softmax.SPEC,
-                                    cross_entropy.SPEC)}
-OPS[apply_rotary.SPEC.name] = apply_rotary.SPEC
-OPS[glu_ffn.SPEC.name] = glu_ffn.SPEC
+                                    cross_entropy.SPEC, apply_rotary.SPEC, glu_ffn.SPEC, linear_cross_entropy.SPEC)}
