@@ -20,13 +20,16 @@ What each patch swaps:
     masks transformers builds, which fasttx's attention takes as sdpa does.
     Gemma 2's attention logit softcapping is not computed by fasttx's
     attention: such a module is left alone and reported.
-  - the causal LM loss: hf_transformers' ForCausalLMLoss patch, as for any
-    ``*ForCausalLM``.
-Left alone and reported, until the patch routes them to the ops written for
-them (PENDING below: replace an entry with a recogniser when its op lands):
-the gated MLP (glu_ffn), the rotary embedding's application (apply_rotary),
-and the LM head with its loss as one fused linear + cross-entropy
-(linear_cross_entropy).
+  - the rotary application: the attention forward is transformers' own code, rebuilt with its module's
+    apply_rotary_pos_emb looked up as fasttx.apply_rotary (after a probe checks the model's function computes
+    rotate-half rotary; partial rotary where that function has it); calls fasttx would compute differently
+    run the model's function. Gemma 2's soft-capped attention gets this alone.
+  - the gated MLP (``<Family>MLP``): fasttx.glu_ffn, the activation recognised by evaluating it (silu, gelu,
+    gelu_tanh); Phi-3's fused gate_up_proj as two row views (gate, up) of its weight.
+  - ``<Family>ForCausalLM``: in training with labels, lm_head + ForCausalLMLoss as one
+    fasttx.linear_cross_entropy on the hidden states, logits=None (Options.keep_logits keeps them);
+    otherwise transformers' forward with the loss as fasttx.cross_entropy (hf_transformers' loss patch).
+Left alone and reported: the rotary embedding module (its cos/sin tables stay transformers' code).
 """
 from __future__ import annotations
 
