@@ -196,6 +196,19 @@ def test_phi3_fused_gate_up_proj_runs_as_views_and_partial_rotary_is_fasttx():
     assert rotary.call_count == 2 and rotary.call_args[0][2].shape[-1] == 8  # head_dim 16, half of it rotated
 
 
+def test_hooks_on_the_fused_submodules_fire_as_unpatched():
+    """A hook on a Linear the patched code computes without calling it (gate_proj inside glu_ffn, lm_head inside
+    linear_cross_entropy) sends that call down transformers' code, so the hook fires and the logits come back."""
+    plain, patched, _ = _pair("llama")
+    seen = []
+    patched.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: seen.append("gate_proj"))
+    patched.lm_head.register_forward_hook(lambda m, i, o: seen.append("lm_head"))
+    ids, mask, labels = _batch(padding=True)
+    got = _run(patched, ids, mask, labels)
+    assert seen == ["gate_proj", "lm_head"] and got[0] is not None
+    _assert_same_run(got, _run(plain, ids, mask, labels), mask)
+
+
 def test_an_mlp_with_an_activation_glu_ffn_lacks_is_left_alone_and_runs_as_before():
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **COMMON, hidden_act="relu"))
