@@ -186,7 +186,11 @@ def test_phi3_fused_gate_up_proj_runs_as_views_and_partial_rotary_is_fasttx():
     assert list(patched.state_dict()) == list(plain.state_dict())
     calls = []
     real = hf_llama.glu_ffn
-    with mock.patch.object(hf_llama, "glu_ffn", lambda x, wg, wu, *a, **k: calls.append((wg, wu)) or real(x, wg, wu, *a, **k)), \
+
+    def recording(x, w_gate, w_up, *args, **kwargs):
+        calls.append((w_gate, w_up))
+        return real(x, w_gate, w_up, *args, **kwargs)
+    with mock.patch.object(hf_llama, "glu_ffn", recording), \
             mock.patch.object(hf_llama, "apply_rotary", wraps=hf_llama.apply_rotary) as rotary:
         ids, mask, labels = _batch(padding=True)
         _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
