@@ -49,13 +49,14 @@ def _make(family, seed=0):
 _PLAIN = {}
 
 
-def _pair(family):
-    """The unpatched model (built once per family: the tests leave it as it was) and a patched deep copy."""
+def _pair(family, **options):
+    """The unpatched model (built once per family: the tests leave it as it was) and a patched deep copy, both
+    in training mode (no dropout in these configs), where the patched LM head + loss is one fused op."""
     if family not in _PLAIN:
         _PLAIN[family] = _make(family)
-    plain = _PLAIN[family]
+    plain = _PLAIN[family].train()
     patched = copy.deepcopy(plain)
-    return plain, patched, fasttx.patch(patched)
+    return plain, patched, fasttx.patch(patched, **options)
 
 
 def _batch(padding: bool):
@@ -70,18 +71,26 @@ def _batch(padding: bool):
     return ids.masked_fill(mask == 0, 0), mask, ids.masked_fill(mask == 0, -100)
 
 
-def _run(model, ids, mask, labels):
+def _run(model, ids, mask, labels, **kwargs):
     model.zero_grad()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
     out.loss.backward()
     module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the parameters by their own names
-    return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in module.named_parameters()}
+    logits = None if out.logits is None else out.logits.detach()
+    return logits, out.loss.detach(), {n: p.grad for n, p in module.named_parameters()}
+
+
+def _assert_same_logits(got, want, mask):
+    keep = torch.ones(got.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    # logits of the real tokens: a padded query row sees no key, and what it gives is each kernel's own
+    torch.testing.assert_close(got[keep], want[keep], rtol=RTOL, atol=1e-5)
 
 
 def _assert_same_run(got, want, mask):
-    keep = torch.ones(got[0].shape[:2], dtype=torch.bool) if mask is None else mask.bool()
-    # logits of the real tokens: a padded query row sees no key, and what it gives is each kernel's own
-    torch.testing.assert_close(got[0][keep], want[0][keep], rtol=RTOL, atol=1e-5)
+    """Same loss and gradients; the patched model in training with labels returns no logits (the fused LM
+    head + loss), and where it returns them they are the same."""
+    if got[0] is not None:
+        _assert_same_logits(got[0], want[0], mask)
     torch.testing.assert_close(got[1], want[1], rtol=RTOL, atol=0)
     assert got[2].keys() == want[2].keys()
     for name in want[2]:
@@ -103,12 +112,18 @@ def test_the_report_lists_every_norm_and_attention_and_only_what_runs(family):
     if family == "qwen3":
         assert "model.layers.0.self_attn.q_norm" in replaced and "model.layers.1.self_attn.k_norm" in replaced
     for path in attentions:
-        if family == "gemma2":  # fasttx's attention computes no logit softcapping
-            assert "soft-capped" in left_alone[path] and path not in replaced
+        if family == "gemma2":  # fasttx's attention computes no logit softcapping: the rotary alone is fasttx's
+            assert replaced[path].startswith("rotary: fasttx.apply_rotary; attention left as transformers'")
+            assert "soft-capped" in replaced[path]
         else:
-            assert "AttentionInterface" in replaced[path]
-    assert replaced[""].startswith("loss_function: fasttx.cross_entropy")
-    assert "glu_ffn" in left_alone["model.layers.0.mlp"] and "apply_rotary" in left_alone["model.rotary_emb"]
+            assert replaced[path] == ("fasttx.scaled_dot_product_attention (through AttentionInterface); "
+                                      "rotary: fasttx.apply_rotary")
+    mlps = [path for path, m in modules.items() if type(m).__name__ in hf_llama.MLPS]
+    assert len(mlps) == 2
+    for path in mlps:
+        assert replaced[path] == f"fasttx.glu_ffn ({'gelu_tanh' if family.startswith('gemma') else 'silu'})"
+    assert replaced[""].startswith("lm_head + loss: fasttx.linear_cross_entropy in training with labels")
+    assert "apply_rotary" in left_alone["model.rotary_emb"] and set(left_alone) == {"model.rotary_emb"}
     assert report.fused == []
     ids, mask, labels = _batch(padding=True)
     assert_report_tells_what_runs(patched, report, lambda: patched(input_ids=ids, attention_mask=mask, labels=labels))
@@ -119,6 +134,93 @@ def test_the_report_lists_every_norm_and_attention_and_only_what_runs(family):
 def test_same_logits_loss_and_gradients(family, padding):
     plain, patched, _ = _pair(family)
     ids, mask, labels = _batch(padding)
+    got = _run(patched, ids, mask, labels)
+    assert got[0] is None  # training with labels: one linear_cross_entropy, no logits (Gemma 2's soft-capped)
+    _assert_same_run(got, _run(plain, ids, mask, labels), mask)
+    with torch.no_grad():  # without labels: the logits, as unpatched
+        _assert_same_logits(patched(input_ids=ids, attention_mask=mask).logits,
+                            plain(input_ids=ids, attention_mask=mask).logits, mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_keep_logits_and_eval_mode_return_the_logits_with_the_same_loss(family):
+    plain, patched, report = _pair(family, keep_logits=True)
+    assert dict(report.replaced)[""].startswith("loss_function: fasttx.cross_entropy") \
+        and "keep_logits=True" in dict(report.replaced)[""]
+    ids, mask, labels = _batch(padding=True)
+    got = _run(patched, ids, mask, labels)
+    assert got[0] is not None
+    _assert_same_run(got, _run(plain, ids, mask, labels), mask)
+    _, patched, _ = _pair(family)  # the default: logits in eval mode (as in an evaluation loop with labels)
+    patched.eval()
+    got = _run(patched, ids, mask, labels)
+    assert got[0] is not None
+    _assert_same_run(got, _run(plain.eval(), ids, mask, labels), mask)
+
+
+def test_num_items_in_batch_and_shift_labels_follow_for_causal_lm_loss():
+    """transformers' Trainer passes num_items_in_batch (gradient accumulation): the loss is the sum over that
+    count; shift_labels replaces the shift of labels."""
+    plain, patched, _ = _pair("llama")
+    ids, mask, labels = _batch(padding=True)
+    for extra in (dict(num_items_in_batch=torch.tensor(37)), dict(num_items_in_batch=37),
+                  dict(shift_labels=torch.roll(labels, 2, dims=1))):
+        got = _run(patched, ids, mask, labels, **extra)
+        assert got[0] is None
+        _assert_same_run(got, _run(plain, ids, mask, labels, **extra), mask)
+
+
+def test_phi3_fused_gate_up_proj_runs_as_views_and_partial_rotary_is_fasttx():
+    """Phi-3's gate_up_proj (2h, d), chunked (gate, up): glu_ffn gets W[:h] and W[h:], views of the one
+    parameter, whose gradient is the same; a partial rotary (partial_rotary_factor 0.5: the first half of each
+    head rotates) goes through fasttx.apply_rotary too, and the state_dict is unchanged."""
+    if "phi3" not in CONFIG_MAPPING:
+        pytest.skip("no phi3")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("phi3", **COMMON, **FAMILIES["phi3"], partial_rotary_factor=0.5)
+    plain = AutoModelForCausalLM.from_config(config)
+    patched = copy.deepcopy(plain)
+    report = dict(fasttx.patch(patched).replaced)
+    assert "rotary: fasttx.apply_rotary" in report["model.layers.0.self_attn"]
+    assert report["model.layers.0.mlp"] == "fasttx.glu_ffn (silu)"
+    assert list(patched.state_dict()) == list(plain.state_dict())
+    calls = []
+    real = hf_llama.glu_ffn
+
+    def recording(x, w_gate, w_up, *args, **kwargs):
+        calls.append((w_gate, w_up))
+        return real(x, w_gate, w_up, *args, **kwargs)
+    with mock.patch.object(hf_llama, "glu_ffn", recording), \
+            mock.patch.object(hf_llama, "apply_rotary", wraps=hf_llama.apply_rotary) as rotary:
+        ids, mask, labels = _batch(padding=True)
+        _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
+    w = patched.model.layers[0].mlp.gate_up_proj.weight
+    wg, wu = calls[0]
+    assert wg.data_ptr() == w.data_ptr() and wu.data_ptr() == w[w.shape[0] // 2:].data_ptr()  # views, no copy
+    assert rotary.call_count == 2 and rotary.call_args[0][2].shape[-1] == 8  # head_dim 16, half of it rotated
+
+
+def test_hooks_on_the_fused_submodules_fire_as_unpatched():
+    """A hook on a Linear the patched code computes without calling it (gate_proj inside glu_ffn, lm_head inside
+    linear_cross_entropy) sends that call down transformers' code, so the hook fires and the logits come back."""
+    plain, patched, _ = _pair("llama")
+    seen = []
+    patched.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: seen.append("gate_proj"))
+    patched.lm_head.register_forward_hook(lambda m, i, o: seen.append("lm_head"))
+    ids, mask, labels = _batch(padding=True)
+    got = _run(patched, ids, mask, labels)
+    assert seen == ["gate_proj", "lm_head"] and got[0] is not None
+    _assert_same_run(got, _run(plain, ids, mask, labels), mask)
+
+
+def test_an_mlp_with_an_activation_glu_ffn_lacks_is_left_alone_and_runs_as_before():
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **COMMON, hidden_act="relu"))
+    patched = copy.deepcopy(plain)
+    report = fasttx.patch(patched)
+    assert "is not silu, gelu or gelu_tanh" in dict(report.left_alone)["model.layers.0.mlp"]
+    assert "model.layers.0.mlp" not in dict(report.replaced)
+    ids, mask, labels = _batch(padding=True)
     _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
 
 
@@ -186,11 +288,16 @@ def test_qwen3_under_bf16_autocast_gives_the_unpatched_dtypes_and_close_values()
     """The norms return what transformers' do under autocast: Qwen3's q/k norms get bf16 projections and fp32
     weights, and return fp32 (weight * normalized.to(bf16)); Gemma's norms return their input's dtype."""
     for family in ("qwen3", "gemma"):
-        plain, patched, _ = _pair(family)
+        plain, patched, _ = _pair(family, keep_logits=True)
+        fused = copy.deepcopy(plain)
+        fasttx.patch(fused)  # the LM head + loss as one linear_cross_entropy: the loss alone
         ids, mask, labels = _batch(padding=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             want = plain(input_ids=ids, attention_mask=mask, labels=labels)
             got = patched(input_ids=ids, attention_mask=mask, labels=labels)
+            loss = fused(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert loss.dtype == want.loss.dtype == torch.float32
+        torch.testing.assert_close(loss, want.loss, rtol=0.02, atol=0)
         assert got.logits.dtype == want.logits.dtype
         keep = mask.bool()
         torch.testing.assert_close(got.logits[keep].float(), want.logits[keep].float(), rtol=0.05, atol=0.05)

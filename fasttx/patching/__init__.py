@@ -34,7 +34,8 @@ from fasttx.patching.spec import Options, Patch
 
 # Each recogniser: (module, Options) -> None (not a candidate), a str (a candidate left
 # alone, and why), or a Patch. Checked in order; the first that answers decides.
-RECOGNISERS = (torch_modules.recognise, hf_transformers.recognise, hf_llama.recognise)
+# hf_llama before hf_transformers: it takes the LLaMA family's *ForCausalLM (the LM head and loss) first
+RECOGNISERS = (torch_modules.recognise, hf_llama.recognise, hf_transformers.recognise)
 
 
 @dataclass
@@ -127,12 +128,15 @@ def is_patched(module: torch.nn.Module) -> bool:
 
 
 def patch(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = True,
-          ffn: bool = True, loss: bool = True) -> PatchReport:
+          ffn: bool = True, loss: bool = True, keep_logits: bool = False) -> PatchReport:
     """Patch ``model`` in place; returns what was replaced and what was left alone, with the reason.
-    Each keyword turns one kind of patch off; ``loss`` is a causal LM's cross-entropy."""
+    Each keyword turns one kind of patch off; ``loss`` is a causal LM's cross-entropy. A LLaMA-family causal
+    LM in training mode given labels computes its LM head and loss as one fasttx.linear_cross_entropy and
+    returns ``logits=None``; ``keep_logits=True`` keeps the logits (the LM head runs, the loss is
+    fasttx.cross_entropy on them)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fasttx.patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    options = Options(layer_norm, attention, ffn, loss)
+    options = Options(layer_norm, attention, ffn, loss, keep_logits)
     report = PatchReport(model=type(model).__name__)
     fused_into: dict = {}  # path of a submodule a replaced module's code computes -> that module's path
     for path, module in model.named_modules():

@@ -20,24 +20,33 @@ What each patch swaps:
     masks transformers builds, which fasttx's attention takes as sdpa does.
     Gemma 2's attention logit softcapping is not computed by fasttx's
     attention: such a module is left alone and reported.
-  - the causal LM loss: hf_transformers' ForCausalLMLoss patch, as for any
-    ``*ForCausalLM``.
-Left alone and reported, until the patch routes them to the ops written for
-them (PENDING below: replace an entry with a recogniser when its op lands):
-the gated MLP (glu_ffn), the rotary embedding's application (apply_rotary),
-and the LM head with its loss as one fused linear + cross-entropy
-(linear_cross_entropy).
+  - the rotary application: the attention forward is transformers' own code, rebuilt with its module's
+    apply_rotary_pos_emb looked up as fasttx.apply_rotary (after a probe checks the model's function computes
+    rotate-half rotary; partial rotary where that function has it); calls fasttx would compute differently
+    run the model's function. Gemma 2's soft-capped attention gets this alone.
+  - the gated MLP (``<Family>MLP``): fasttx.glu_ffn, the activation recognised by evaluating it (silu, gelu,
+    gelu_tanh); Phi-3's fused gate_up_proj as two row views (gate, up) of its weight.
+  - ``<Family>ForCausalLM``: in training with labels, lm_head + ForCausalLMLoss as one
+    fasttx.linear_cross_entropy on the hidden states, logits=None (Options.keep_logits keeps them);
+    otherwise transformers' forward with the loss as fasttx.cross_entropy (hf_transformers' loss patch).
+Left alone and reported: the rotary embedding module (its cos/sin tables stay transformers' code).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from fasttx.ops.apply_rotary import apply_rotary, apply_rotary_ref
+from fasttx.ops.glu_ffn import glu_ffn
 from fasttx.ops.layer_norm import rms_norm
 from fasttx.patching import hf_transformers
-from fasttx.patching.spec import Options, Patch
+from fasttx.patching.spec import Options, Patch, runs_hooks
 
 FAMILY = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
 
@@ -53,11 +62,12 @@ ATTENTIONS = frozenset(f"{name}Attention" for name in FAMILY)
 # a place for the recogniser that the op brings (issue 26): the MLP as glu_ffn, the rotary application inside
 # the attention forward, the LM head and its loss as linear_cross_entropy (the loss alone is patched already).
 PENDING = {
-    "MLP": "its gated MLP (act(gate_proj(x)) * up_proj(x), then down_proj) runs as transformers' code: fasttx.patch "
-           "does not route it to a fused gated FFN (glu_ffn) yet",
-    "RotaryEmbedding": "rotary embeddings stay transformers' (cos/sin here, applied to q and k inside the attention "
-                       "forward): fasttx.patch does not route them to apply_rotary yet",
+    "RotaryEmbedding": "it computes the cos/sin tables (once per forward, shared by the layers), which stay "
+                       "transformers' code; their application to q and k is fasttx.apply_rotary inside each patched "
+                       "attention module",
 }
+MLPS = frozenset(f"{name}MLP" for name in FAMILY)
+CAUSAL_LMS = frozenset(f"{name}ForCausalLM" for name in FAMILY)
 
 
 def recognise(module: torch.nn.Module, options: Options):
@@ -68,7 +78,11 @@ def recognise(module: torch.nn.Module, options: Options):
     if name in RMS_NORMS:
         return _rms_norm(module, options, *RMS_NORMS[name])
     if name in ATTENTIONS:
-        return hf_transformers._attention(module, options)
+        return _attention(module, options)
+    if name in MLPS:
+        return _mlp(module, options)
+    if name in CAUSAL_LMS:
+        return _causal_lm(module, options)
     for prefix in FAMILY:
         if name.startswith(prefix) and name[len(prefix):] in PENDING:
             return PENDING[name[len(prefix):]]
@@ -130,3 +144,258 @@ def _probe(module, form: str, eps_attribute: str) -> Optional[str]:
             and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)):
         return f"its forward does not compute RMSNorm with {form} as {type(module).__name__} is known to"
     return None
+
+
+# ---- the gated MLP -----------------------------------------------------------------------
+
+_GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _glu_activation(act) -> Optional[str]:
+    """Which of glu_ffn's activations ``act`` computes, found by evaluating it on a probe, or None."""
+    if not callable(act):
+        return None
+    probe = torch.linspace(-8, 8, 161, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            got = act(probe)
+    except Exception:  # an activation that cannot take the probe is not one we know
+        return None
+    for name, ref in (("silu", F.silu(probe)), ("gelu", F.gelu(probe)),
+                      ("gelu_tanh", F.gelu(probe, approximate="tanh"))):
+        if isinstance(got, Tensor) and got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-9, atol=1e-12):
+            return name
+    return None
+
+
+def _is_linear(m) -> bool:
+    # torch.nn.Linear's own forward (a subclass with another forward, a quantized linear: not taken)
+    return isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward
+
+
+def _mlp(module, options: Options):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Mistral, Qwen2/3, Gemma/2) or, with one fused
+    ``gate_up_proj`` whose output is chunked into (gate, up) (Phi-3), ``down_proj(up * act(gate))``."""
+    if not options.ffn:
+        return "ffn=False"
+    code = inspect.unwrap(type(module).forward).__code__
+    if hasattr(module, "gate_up_proj"):
+        layers, act_name, fused = ("gate_up_proj", "down_proj"), "activation_fn", True
+        if "chunk" not in code.co_names:
+            return "its forward does not chunk gate_up_proj's output as Phi3MLP's does"
+    else:
+        layers, act_name, fused = ("gate_proj", "up_proj", "down_proj"), "act_fn", False
+    for name in layers:
+        if not _is_linear(getattr(module, name, None)):
+            return f"{name} is not a torch.nn.Linear"
+    if fused and (module.gate_up_proj.out_features % 2 or module.gate_up_proj.bias is not None):
+        return "gate_up_proj has an odd number of outputs or a bias"
+    act = getattr(module, act_name, None)
+    activation = _glu_activation(act)
+    if activation is None:
+        return (f"its activation {type(act).__name__} is not silu, gelu or gelu_tanh (glu_ffn's): "
+                "transformers' code runs it")
+    return Patch(_mlp_methods, (activation, fused), f"fasttx.glu_ffn ({activation})",
+                 fuses=(*layers, act_name) if isinstance(act, torch.nn.Module) else layers)
+
+
+def _mlp_methods(activation: str, fused: bool) -> dict:
+    if fused:
+        def forward(self, hidden_states: Tensor) -> Tensor:
+            if runs_hooks(self.gate_up_proj, self.activation_fn, self.down_proj):
+                return type(self)._fasttx_original_class.forward(self, hidden_states)
+            w = self.gate_up_proj.weight  # (2h, d): chunk(2, -1) of its output is (gate, up) = (W[:h], W[h:])
+            h = w.shape[0] // 2
+            return glu_ffn(hidden_states, w[:h], w[h:], self.down_proj.weight, activation,
+                           b_down=self.down_proj.bias)
+    else:
+        def forward(self, x: Tensor) -> Tensor:
+            if runs_hooks(self.gate_proj, self.up_proj, self.act_fn, self.down_proj):
+                return type(self)._fasttx_original_class.forward(self, x)
+            return glu_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, activation,
+                           self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias)
+    return {"forward": forward}
+
+
+# ---- attention and the rotary application ----------------------------------------------------
+
+_ROTARY = "apply_rotary_pos_emb"
+
+
+def _rotary_support(cls: type) -> tuple:
+    """(whether the class's forward applies rotary through a module-level apply_rotary_pos_emb that computes
+    what fasttx.apply_rotary does, whether that function also takes partial rotary (Dr < D), why not)."""
+    forward = inspect.unwrap(cls.forward)
+    original = forward.__globals__.get(_ROTARY)
+    if _ROTARY not in forward.__code__.co_names or not callable(original):
+        return False, False, f"its forward does not call a module-level {_ROTARY}"
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
+    ok = []
+    for dr in (8, 4):
+        angles = torch.randn(2, 5, dr // 2, generator=gen).repeat(1, 1, 2)
+        cos, sin = angles.cos(), angles.sin()
+        try:
+            with torch.no_grad():
+                got = original(q, k, cos, sin)
+                want = apply_rotary_ref(q, k, cos, sin)  # the formula, not a kernel
+            ok.append(all(isinstance(g, Tensor) and g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+                          for g, w in zip(got, want)))
+        except Exception:  # a function that cannot take the probe does not compute what apply_rotary does
+            ok.append(False)
+    if not ok[0]:
+        return False, False, f"its {_ROTARY} does not compute what fasttx.apply_rotary does (rotate_half)"
+    return True, ok[1], None
+
+
+def _rotary_function(original, partial: bool):
+    """apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) as fasttx.apply_rotary where it computes the same
+    thing in the same dtype; any other call (another layout, partial rotary where ``original`` has none,
+    tables of a wider dtype than q, which transformers' code promotes) runs ``original``."""
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if (args or kwargs) and (len(args) + len(kwargs) != 1 or (args[0] if args else
+                                                                   kwargs.get("unsqueeze_dim", None)) != 1):
+            return original(q, k, cos, sin, *args, **kwargs)
+        if (q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or k.dtype != q.dtype or sin.dtype != cos.dtype
+                or torch.promote_types(q.dtype, cos.dtype) != q.dtype
+                or (cos.shape[-1] != q.shape[-1] and not partial)):
+            return original(q, k, cos, sin)
+        return apply_rotary(q, k, cos, sin)
+    return apply_rotary_pos_emb
+
+
+def _with_global(fn, name: str, value):
+    """A copy of ``fn`` (through the functools.wraps chain of decorators it may have) whose innermost function
+    looks ``name`` up as ``value``: the same code, the module's other globals as they were when patched."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        scope = dict(fn.__globals__)
+        scope[name] = value
+        new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        cells = fn.__closure__ or ()
+        holding = [i for i, c in enumerate(cells) if c.cell_contents is inner]
+        if len(holding) != 1:
+            raise TypeError(f"cannot rebuild {fn.__qualname__}: its decorator does not hold the function it wraps")
+        new_inner = _with_global(inner, name, value)
+        closure = tuple(types.CellType(new_inner) if i == holding[0] else c for i, c in enumerate(cells))
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
+    return new
+
+
+def _llama_attention_methods(original: type, partial: bool, attention: bool) -> dict:
+    """transformers' forward, the same code, with apply_rotary_pos_emb as fasttx.apply_rotary (and, with
+    ``attention``, fasttx's attention function through AttentionInterface, as hf_transformers patches it)."""
+    methods = hf_transformers._attention_methods(original) if attention else {}
+    rotary = _rotary_function(inspect.unwrap(original.forward).__globals__[_ROTARY], partial)
+    return {**methods, "forward": _with_global(original.forward, _ROTARY, rotary)}
+
+
+def _attention(module, options: Options):
+    found = hf_transformers._attention(module, options)
+    if not options.attention:
+        return found
+    rotary, partial, why = _rotary_support(type(module))
+    if not rotary:
+        return found if isinstance(found, Patch) else f"{found}; rotary: {why}"
+    try:
+        _llama_attention_methods(type(module), partial, False)
+    except Exception as err:  # a forward this cannot rebuild is left as it is
+        return found if isinstance(found, Patch) else f"{found}; rotary: {err}"
+    what = "rotary: fasttx.apply_rotary"
+    if isinstance(found, Patch):
+        return Patch(_llama_attention_methods, (type(module), partial, True), f"{found.what}; {what}",
+                     found.attributes)
+    return Patch(_llama_attention_methods, (type(module), partial, False),
+                 f"{what}; attention left as transformers': {found}")
+
+
+# ---- the LM head and its loss ----------------------------------------------------------------
+
+# What the *ForCausalLM forward this patch rebuilds reads (transformers 5.x): its model, the hidden states
+# sliced by logits_to_keep, lm_head, loss_function, the output class; Gemma 2's final logit softcapping.
+_CAUSAL_LM_NAMES = frozenset({"CausalLMOutputWithPast", "attentions", "cache", "past_key_values", "config",
+                              "hidden_states", "last_hidden_state", "lm_head", "loss_function", "model",
+                              "slice_logits_to_keep", "vocab_size", "final_logit_softcapping", "tanh", "torch"})
+_SOFTCAP = "final_logit_softcapping"
+
+
+def causal_lm_linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                          softcap: Optional[float] = None, num_items_in_batch: Optional[Tensor] = None,
+                          ignore_index: int = -100, shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """transformers' ForCausalLMLoss of ``softcap(hidden @ weight.T + bias)`` without the logits: token t
+    predicts label t + 1 (or ``shift_labels``); the mean over labels that are not ignore_index, or the sum
+    over num_items_in_batch when given; float32, as ForCausalLMLoss upcasts its logits."""
+    from fasttx.ops.linear_cross_entropy import linear_cross_entropy
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                shift_labels.reshape(-1).to(hidden.device), bias, ignore_index, reduction,
+                                softcap=softcap).float()
+    if reduction == "sum":
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    return loss
+
+
+def _causal_lm(module, options: Options):
+    found = hf_transformers._causal_lm_loss(module, options)
+    if not isinstance(found, Patch):
+        return found
+    if options.keep_logits:
+        return Patch(found.methods, found.args, f"{found.what}; the LM head runs (keep_logits=True)")
+    why = _causal_lm_forward_unknown(module)
+    if why is not None:
+        return Patch(found.methods, found.args, f"{found.what}; the LM head runs: {why}")
+    return Patch(_causal_lm_methods, (type(module),),
+                 "lm_head + loss: fasttx.linear_cross_entropy in training with labels (logits=None; "
+                 "keep_logits=True keeps them); otherwise loss_function: fasttx.cross_entropy "
+                 "(ForCausalLMLoss's contract)")
+
+
+def _causal_lm_forward_unknown(module) -> Optional[str]:
+    forward = inspect.unwrap(type(module).forward)
+    params = list(inspect.signature(forward).parameters.values())
+    names = [p.name for p in params]
+    if "labels" not in names or "logits_to_keep" not in names or params[-1].kind != inspect.Parameter.VAR_KEYWORD:
+        return "its forward does not take (..., labels, ..., logits_to_keep, **kwargs) as transformers 5's does"
+    unknown = set(forward.__code__.co_names) - _CAUSAL_LM_NAMES
+    if unknown:
+        return f"its forward reads {sorted(unknown)}, which the fused LM head + loss does not compute"
+    if "slice_logits_to_keep" not in forward.__globals__ or not _is_linear(getattr(module, "lm_head", None)):
+        return "it has no slice_logits_to_keep or no torch.nn.Linear lm_head"
+    if not isinstance(getattr(module, "model", None), torch.nn.Module):
+        return "it has no base model in .model"
+    return None
+
+
+def _causal_lm_methods(original: type) -> dict:
+    forward = inspect.unwrap(original.forward)
+    names = tuple(p.name for p in inspect.signature(forward).parameters.values()
+                  if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD)[1:]  # without self
+    slice_logits_to_keep = forward.__globals__["slice_logits_to_keep"]
+    output_class = forward.__globals__.get("CausalLMOutputWithPast")
+    softcapped = _SOFTCAP in forward.__code__.co_names
+    output_fields = frozenset(f.name for f in dataclasses.fields(output_class)) - {"loss", "logits"} \
+        if dataclasses.is_dataclass(output_class) else frozenset()
+
+    def patched_forward(self, *args, **kwargs):
+        call = dict(zip(names, args), **kwargs)
+        if (call.get("labels") is None or not self.training or len(args) > len(names) or output_class is None
+                or "return_dict" in call or "_loss_function" in self.__dict__ or runs_hooks(self.lm_head)):
+            return original.forward(self, *args, **kwargs)  # the logits as unpatched; the loss is patched
+        labels, logits_to_keep = call.pop("labels"), call.pop("logits_to_keep", 0)
+        outputs = self.model(**call)
+        hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        loss_kwargs = {k: v for k, v in call.items() if k not in names}  # what **kwargs held
+        loss = causal_lm_linear_loss(hidden, self.lm_head.weight, self.lm_head.bias, labels,
+                                     getattr(self.config, _SOFTCAP, None) if softcapped else None, **loss_kwargs)
+        rest = {k: v for k, v in outputs.items() if k in output_fields}
+        return output_class(loss=loss, logits=None, **rest)
+    return {**hf_transformers._loss_methods(), "forward": patched_forward}

@@ -13,6 +13,7 @@ class Options:
     attention: bool = True
     ffn: bool = True
     loss: bool = True
+    keep_logits: bool = False  # a causal LM's logits also in training with labels (no fused LM head + loss)
 
 
 @dataclass
