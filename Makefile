@@ -27,20 +27,22 @@ $(VENV)/.deps-stamp: $(LOCK)
 build: $(VENV)/.deps-stamp
 	FASTTX_BUILD_EXTENSION=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 
-# The AOT rung (ptxas on every Triton config, ~10 minutes cold) runs beside the rest of the suite:
-# each is mostly one thread, and together they fit CI's 25 minutes on 2 cores. Its report is printed
-# after the others'; the target fails if any of the three fails.
-AOT_LOG := build/test_triton_aot.log
+# The compile-only rungs -- every Triton config through ptxas (tests/test_triton_aot*.py) and every
+# .cu file through nvcc (tests/test_cuda_build.py), ~15 minutes of mostly one thread each -- run in
+# one pytest beside the rest of the suite, so that together they fit CI's 25 minutes on 2 cores.
+# Their report is printed after the others'; the target fails if any of the three fails.
+COMPILE_LOG := build/test_compile_rungs.log
+COMPILE_RUNGS := $(wildcard tests/test_triton_aot*.py) tests/test_cuda_build.py
 
 test: build
 	@mkdir -p build
-	@$(PY) -m pytest tests/test_triton_aot.py -ra --durations=5 > $(AOT_LOG) 2>&1 & aot=$$!; \
-	$(PY) -m pytest tests -ra --durations=10 --ignore=tests/test_triton_aot.py; main=$$?; \
+	@$(PY) -m pytest $(COMPILE_RUNGS) -ra --durations=5 > $(COMPILE_LOG) 2>&1 & rungs=$$!; \
+	$(PY) -m pytest tests -ra --durations=10 $(addprefix --ignore=,$(COMPILE_RUNGS)); main=$$?; \
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/interpreter -ra --durations=5; interp=$$?; \
-	echo "== waiting for the AOT rung (tests/test_triton_aot.py, log: $(AOT_LOG)) =="; \
-	wait $$aot; aot_rc=$$?; cat $(AOT_LOG); \
-	echo "== pytest exit codes: suite $$main, interpreter $$interp, AOT $$aot_rc =="; \
-	test $$main -eq 0 -a $$interp -eq 0 -a $$aot_rc -eq 0
+	echo "== waiting for the compile-only rungs ($(COMPILE_RUNGS), log: $(COMPILE_LOG)) =="; \
+	wait $$rungs; rungs_rc=$$?; cat $(COMPILE_LOG); \
+	echo "== pytest exit codes: suite $$main, interpreter $$interp, compile rungs $$rungs_rc =="; \
+	test $$main -eq 0 -a $$interp -eq 0 -a $$rungs_rc -eq 0
 
 # The kernel suite, then the reference GPT trained eager and fused side by side, in its short form.
 bench: build
