@@ -127,7 +127,8 @@ def test_installed_extension_linked_cuda_kernels():
                  "gelu_ffn_fwd_cuda", "gelu_ffn_bwd_cuda", "attention_fwd_cuda", "attention_bwd_cuda",
                  "softmax_fwd_cuda", "softmax_bwd_cuda", "cross_entropy_fwd_cuda",
                  "cross_entropy_bwd_cuda",
-                 "apply_rotary_fwd_cuda", "apply_rotary_bwd_cuda"):
+                 "apply_rotary_fwd_cuda", "apply_rotary_bwd_cuda", "glu_fwd_cuda", "glu_bwd_cuda",
+                 "glu_ffn_fwd_cuda", "glu_ffn_bwd_cuda"):
         assert callable(getattr(ext, name, None)), f"fasttx._C is built with CUDA but lacks {name}"
     assert callable(getattr(ext, "linear_cross_entropy_rows_cuda", None)), \
         "fasttx._C is built with CUDA but lacks linear_cross_entropy_rows_cuda"
