@@ -49,9 +49,10 @@ GPU_CASES = {
     "attention": [{"batch": 4, "heads": 12, "seq": 1024, "head_dim": 64, "causal": True}],
     "softmax": [{"shape": (4, 12, 1024, 1024)}],
     "cross_entropy": [{"shape": (4096, 32000)}],
+    "apply_rotary": [{"shape": (4, 32, 8, 1024, 128)}],  # LLaMA-3-8B's q and k heads, 4 x 1024 tokens
+    "glu_ffn": [{"tokens": 4096, "d_model": 2048, "d_hidden": 5632, "activation": "silu"}],
+    "linear_cross_entropy": [{"tokens": 8192, "d": 2048, "vocab": 32000}],
 }
-GPU_CASES["apply_rotary"] = [{"shape": (4, 32, 8, 1024, 128)}]  # LLaMA-3-8B's q and k heads, 4 x 1024 tokens
-GPU_CASES["linear_cross_entropy"] = [{"tokens": 8192, "d": 2048, "vocab": 32000}]
 DTYPES = ("float32", "bfloat16")
 # The backend in a test id: "cuda-<backend>" (backend_params), else a bare backend parameter.
 BACKEND_IN_ID = (re.compile(r"\bcuda-(triton|cuda|torch)\b"), re.compile(r"(?<=[\[-])(triton|cuda|torch)(?=[-\]])"))
