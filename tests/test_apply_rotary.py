@@ -16,9 +16,10 @@ from tolerance import assert_within_torch_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, Hq, Hk, T, D, Dr): one pair, odd and prime sizes, GQA, D = 128, partial rotary (Phi: 80 of
-# which 32 rotate; Dr/2 = 24 leaves a vector tail), T = 1.
+# which 32 rotate; Dr/2 = 24 leaves a vector tail), T = 1, and T = 601 at D = 64: the CPU
+# kernel's token blocks are 64 KiB per head (256 fp32 tokens here), so three blocks, the last ragged.
 SHAPES = [(1, 1, 1, 1, 2, 2), (2, 3, 1, 7, 6, 6), (1, 5, 5, 13, 64, 64), (2, 7, 3, 11, 128, 128),
-          (3, 2, 1, 5, 80, 32), (1, 4, 2, 17, 64, 48)]
+          (3, 2, 1, 5, 80, 32), (1, 4, 2, 17, 64, 48), (2, 3, 2, 601, 64, 64)]
 
 
 def tables(b, t, dr, interleaved=False, dtype=torch.float32, device="cpu", offset=0):
