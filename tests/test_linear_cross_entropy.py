@@ -297,6 +297,21 @@ def test_bf16_weight_grad_accumulated_in_bf16(backend, monkeypatch):
     assert_within_torch_error(got[2], truth[2], own[2], factor=3 * chunks ** 0.5, what="grad_weight")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bf16_weight_grad_in_bf16_slices_summed_in_fp32(backend, monkeypatch):
+    """The CPU's bf16 grad_weight: each chunk's share a bf16 GEMM in slices of the vocabulary, summed in
+    fp32 across 16 chunks, stays within the rule's 3x of eager's single bf16 GEMM."""
+    monkeypatch.setattr(lce_module, "_CPU_BF16_SLICE_ELEMENTS", 40 * 64)  # 40-row slices: 26 of them, one short
+    hidden, weight, bias, target = _inputs(256, 64, 1009, torch.float64, "cpu", bias=True, seed=3)
+    with fasttx.use_backend(backend), chunk_rows(16):
+        got = _run(fasttx.linear_cross_entropy, [t.bfloat16() for t in (hidden, weight, bias)], target,
+                   torch.tensor(1.0, dtype=torch.bfloat16))
+    truth = _run(linear_cross_entropy_ref, (hidden, weight, bias), target, torch.tensor(1.0, dtype=torch.float64))
+    own = _run(linear_cross_entropy_ref, [t.bfloat16() for t in (hidden, weight, bias)], target,
+               torch.tensor(1.0, dtype=torch.bfloat16))
+    assert_within_torch_error(got[2], truth[2], own[2], factor=3, what="grad_weight")
+
+
 def test_module_compiles_fullgraph():
     torch.manual_seed(0)
     module = fasttx.nn.LinearCrossEntropy(16, 37, bias=True, softcap=5.0)
