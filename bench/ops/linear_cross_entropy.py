@@ -65,8 +65,9 @@ class _ThreeGemms(torch.autograd.Function):
         backend = "cpu" if hidden.is_cpu and fasttx.backends.extension() is not None else "torch"
         gemm = _lce._Gemms(backend, hidden)
         n, v = hidden.shape[0], weight.shape[0]
-        rows = _lce.chunk_rows(n, v)
-        buffer = hidden.new_empty(min(rows, n), v, dtype=gemm.logits_dtype(hidden.dtype))
+        logits_dtype = gemm.logits_dtype(hidden.dtype)
+        rows = _lce.chunk_rows(n, v, logits_dtype.itemsize)
+        buffer = hidden.new_empty(min(rows, n), v, dtype=logits_dtype)
         need = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(hidden) if need else None
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32

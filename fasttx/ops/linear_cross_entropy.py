@@ -18,8 +18,9 @@ Design decisions:
     losses alone (1 GEMM a chunk) and the backward recomputes each chunk (4 GEMMs in all). The
     alternative, storing the per-row gradient factors, would need the (N, V) softmax.
   * No gradient work at all under no_grad or when no input requires a gradient.
-  * Chunk size: C = max(1, min(N, 2**25 // V)) rows, a logits buffer of 32M elements (128 MB in fp32:
-    262 rows at V = 128256, 1048 at 32000). Eager fp32 holds >= 3 N V floats at its peak, so at
+  * Chunk size: C = max(1, min(N, 2**25 // V)) rows, a logits buffer of 32M fp32 elements (128 MiB:
+    262 rows at V = 128256, 1048 at 32000); on the CPU, where bf16/fp16 logits are bf16/fp16, the same
+    128 MiB holds 2**26 of them. Eager fp32 holds >= 3 N V floats at its peak, so at
     8192 tokens this is under 0.03x of it at V = 32000 and under 0.01x at 128256; large enough that the
     GEMMs are C x d x V with C in the hundreds, efficient on every backend. ``_CHUNK_ROWS`` (tests only)
     forces a size.
@@ -61,20 +62,23 @@ from fasttx.ops._eager import eager_function, graphed_backward, plain_eager, und
 
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "linear_cross_entropy"
-_CHUNK_ELEMENTS = 2**25
+# The chunk's logits buffer: 128 MiB, 2^25 fp32 logits (2^26 bf16/fp16 ones on the CPU, whose
+# bf16 GEMMs write bf16: 2097 rows at V 32000 ran bf16 fwd+bwd 5% faster than 1048).
+_CHUNK_BYTES = 2**27
 _CHUNK_ROWS: Optional[int] = None  # tests: force the rows per chunk
-# CPU bf16 grad_weight: rows of the fp32 accumulator per bf16 GEMM slice (16 MB temporaries).
-_CPU_BF16_SLICE_ELEMENTS = 2**23
+# CPU bf16 grad_weight: rows of the fp32 accumulator per bf16 GEMM slice (32 MiB temporaries).
+_CPU_BF16_SLICE_ELEMENTS = 2**24
 # bf16/fp16 grad_weight accumulated across chunks in fp32 (True, exact: one rounding at the end, as eager's
 # single GEMM) or in the weight's dtype (False: Liger's choice, one rounding per chunk, but no fp32 V x d
 # accumulator, which at d = 2048 is most of this op's extra memory). See the module docstring.
 _FP32_WEIGHT_GRAD = True
 
 
-def chunk_rows(n: int, vocab: int) -> int:
+def chunk_rows(n: int, vocab: int, element_size: int = 4) -> int:
+    """Rows per chunk: as many as a buffer of _CHUNK_BYTES holds at this vocabulary and logits element size."""
     if _CHUNK_ROWS is not None:
         return max(1, _CHUNK_ROWS)
-    return max(1, min(n, _CHUNK_ELEMENTS // max(vocab, 1)))
+    return max(1, min(n, _CHUNK_BYTES // (element_size * max(vocab, 1))))
 
 
 # ---- reference: plain PyTorch ---------------------------------------------------
@@ -229,8 +233,9 @@ def _chunk_loop(impl, gemm, hidden, weight, bias, target, ignore_index, label_sm
                 grad_h, grad_w, grad_b):
     N, V = hidden.shape[0], weight.shape[0]
     acc = loss.dtype
-    rows = chunk_rows(N, V)
-    buffer = hidden.new_empty(min(rows, N), V, dtype=gemm.logits_dtype(hidden.dtype))
+    logits_dtype = gemm.logits_dtype(hidden.dtype)
+    rows = chunk_rows(N, V, logits_dtype.itemsize)
+    buffer = hidden.new_empty(min(rows, N), V, dtype=logits_dtype)
     w_t = weight.t()
     for start in range(0, N, rows):
         stop = min(start + rows, N)
