@@ -57,7 +57,7 @@ def fasttx_fn(c: dict):
 
 class _ThreeGemms(torch.autograd.Function):
     """fasttx's chunk loop without its row kernel: per chunk, logits = h W^T into the chunk buffer, then
-    (when a gradient is wanted) grad_h = logits W and grad_W += logits^T h. The GEMMs run where the
+    (when a gradient is wanted) grad_h = logits W and grad_W += logits^T h (the first chunk writes it). The GEMMs run where the
     op's do (fasttx's CPU GEMM for fp32 on the CPU, torch.mm elsewhere; fp32 accumulation for bf16)."""
 
     @staticmethod
@@ -71,9 +71,9 @@ class _ThreeGemms(torch.autograd.Function):
         need = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(hidden) if need else None
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        if not _lce._FP32_WEIGHT_GRAD:
+        if not _lce._FP32_WEIGHT_GRAD or rows >= n:  # one chunk: grad_W in the weight's dtype, as the op
             acc = hidden.dtype
-        grad_w = weight.new_zeros(weight.shape, dtype=acc) if need else None
+        grad_w = weight.new_empty(weight.shape, dtype=acc) if need else None
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             h, logits = hidden[start:stop], buffer[:stop - start]
@@ -81,7 +81,7 @@ class _ThreeGemms(torch.autograd.Function):
             if need:
                 dlogits = logits if logits.dtype == hidden.dtype else logits.to(hidden.dtype)
                 gemm.mm(grad_h[start:stop], dlogits, weight)
-                gemm.accumulate(grad_w, dlogits.t(), h)
+                gemm.accumulate(grad_w, dlogits.t(), h, overwrite=start == 0)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need else None)
         return hidden.new_zeros(())
 

@@ -184,15 +184,20 @@ class _Gemms:
         else:
             torch.mm(a, b, out=out)
 
-    def accumulate(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
-        """acc += a @ b, acc in a's dtype or the opmath type (fp32 for bf16/fp16 a and b)."""
+    def accumulate(self, acc: Tensor, a: Tensor, b: Tensor, overwrite: bool = False) -> None:
+        """acc += a @ b (acc = a @ b when overwrite), acc in a's dtype or the opmath type (fp32 for bf16/fp16)."""
         if acc.dtype == a.dtype:
             if self.ext is not None:
-                self.ext.linear_cross_entropy_gemm_cpu(acc, a, b, True)
+                self.ext.linear_cross_entropy_gemm_cpu(acc, a, b, not overwrite)
+            elif overwrite:
+                torch.mm(a, b, out=acc)
             else:
                 acc.addmm_(a, b)
         elif self.fp32_out:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if overwrite:
+                torch.mm(a, b, out_dtype=torch.float32, out=acc)
+            else:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         elif a.dtype == torch.bfloat16:
             # CPU bf16: ATen has no fp32-output GEMM for it, and the fp32 GEMM on converted operands
             # ran at half the bf16 GEMM's rate (145 against 323 GFLOP/s at V 32000, d 2048, 2 cores).
@@ -201,9 +206,13 @@ class _Gemms:
             # single GEMM over 8-32 chunks, where accumulating in bf16 was 2-9x.
             rows = max(1, _CPU_BF16_SLICE_ELEMENTS // max(acc.shape[1], 1))
             for start in range(0, acc.shape[0], rows):
-                acc[start:start + rows] += a[start:start + rows] @ b
+                part = a[start:start + rows] @ b
+                if overwrite:
+                    acc[start:start + rows].copy_(part)
+                else:
+                    acc[start:start + rows] += part
         else:  # CPU fp16: ATen has no fp32-output GEMM for it, so the chunk's operands go to fp32
-            self.accumulate(acc, a.float(), b.float())
+            self.accumulate(acc, a.float(), b.float(), overwrite)
 
 
 def _chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
@@ -218,11 +227,15 @@ def _chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tens
     loss = hidden.new_empty(N, dtype=acc)
     needs = needs if grad_rows is not None else (False, False, False)
     grad_h = torch.empty_like(hidden) if needs[0] else None
-    grad_acc = acc if _FP32_WEIGHT_GRAD or hidden.dtype == acc else hidden.dtype
-    grad_w = weight.new_zeros(weight.shape, dtype=grad_acc) if needs[1] else None
+    # One chunk: grad_weight is one GEMM over all the tokens, written in the weight's dtype with one
+    # rounding, as eager's; no fp32 accumulator (V x d x 4 bytes) to fill, add into and cast.
+    one_chunk = chunk_rows(N, V, gemm.logits_dtype(hidden.dtype).itemsize) >= N
+    grad_acc = acc if (_FP32_WEIGHT_GRAD and not one_chunk) or hidden.dtype == acc else hidden.dtype
     grad_b = weight.new_zeros(V, dtype=acc) if needs[2] and bias is not None else None
     if N == 0 or V == 0:
+        grad_w = weight.new_zeros(weight.shape, dtype=grad_acc) if needs[1] else None
         return loss, grad_h, grad_w, grad_b
+    grad_w = weight.new_empty(weight.shape, dtype=grad_acc) if needs[1] else None  # the first chunk writes it
     with torch.autocast(hidden.device.type, enabled=False):  # the entry point cast the inputs already
         _chunk_loop(impl, gemm, hidden, weight, bias, target, ignore_index, label_smoothing, softcap, grad_rows, loss,
                     grad_h, grad_w, grad_b)
@@ -252,7 +265,7 @@ def _chunk_loop(impl, gemm, hidden, weight, bias, target, ignore_index, label_sm
         if grad_h is not None:
             gemm.mm(grad_h[start:stop], dlogits, weight)
         if grad_w is not None:
-            gemm.accumulate(grad_w, dlogits.t(), h)
+            gemm.accumulate(grad_w, dlogits.t(), h, overwrite=start == 0)
         if grad_b is not None:
             grad_b += logits.sum(0, dtype=acc)
 
