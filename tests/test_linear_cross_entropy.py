@@ -281,20 +281,24 @@ def test_module_matches_linear_then_cross_entropy_and_loads_lm_head():
         fasttx.nn.LinearCrossEntropy(12, 0)
 
 
+def _bf16_grad_weight(backend, rows, tokens, d, vocab, seed=0):
+    """(fasttx's, the float64 truth's, torch's own bf16) grad_weight over chunks of ``rows`` tokens."""
+    hidden, weight, bias, target = _inputs(tokens, d, vocab, torch.float64, "cpu", bias=True, seed=seed)
+    one = torch.tensor(1.0, dtype=torch.bfloat16)
+    with fasttx.use_backend(backend), chunk_rows(rows):
+        got = _run(fasttx.linear_cross_entropy, [t.bfloat16() for t in (hidden, weight, bias)], target, one)
+    truth = _run(linear_cross_entropy_ref, (hidden, weight, bias), target, torch.tensor(1.0, dtype=torch.float64))
+    own = _run(linear_cross_entropy_ref, [t.bfloat16() for t in (hidden, weight, bias)], target, one)
+    return got[2], truth[2], own[2]
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_bf16_weight_grad_accumulated_in_bf16(backend, monkeypatch):
     """_FP32_WEIGHT_GRAD = False (no fp32 V x d accumulator): one bf16 rounding per chunk, so within
     sqrt(chunks) x the rule's 3x of torch's error."""
     monkeypatch.setattr(lce_module, "_FP32_WEIGHT_GRAD", False)
-    hidden, weight, bias, target = _inputs(29, 17, 1009, torch.float64, "cpu", bias=True)
-    chunks = 8
-    with fasttx.use_backend(backend), chunk_rows(4):
-        got = _run(fasttx.linear_cross_entropy, [t.bfloat16() for t in (hidden, weight, bias)], target,
-                   torch.tensor(1.0, dtype=torch.bfloat16))
-    truth = _run(linear_cross_entropy_ref, (hidden, weight, bias), target, torch.tensor(1.0, dtype=torch.float64))
-    own = _run(linear_cross_entropy_ref, [t.bfloat16() for t in (hidden, weight, bias)], target,
-               torch.tensor(1.0, dtype=torch.bfloat16))
-    assert_within_torch_error(got[2], truth[2], own[2], factor=3 * chunks ** 0.5, what="grad_weight")
+    got, truth, own = _bf16_grad_weight(backend, rows=4, tokens=29, d=17, vocab=1009)
+    assert_within_torch_error(got, truth, own, factor=3 * 8 ** 0.5, what="grad_weight")  # 8 chunks
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -302,14 +306,8 @@ def test_bf16_weight_grad_in_bf16_slices_summed_in_fp32(backend, monkeypatch):
     """The CPU's bf16 grad_weight: each chunk's share a bf16 GEMM in slices of the vocabulary, summed in
     fp32 across 16 chunks, stays within the rule's 3x of eager's single bf16 GEMM."""
     monkeypatch.setattr(lce_module, "_CPU_BF16_SLICE_ELEMENTS", 40 * 64)  # 40-row slices: 26 of them, one short
-    hidden, weight, bias, target = _inputs(256, 64, 1009, torch.float64, "cpu", bias=True, seed=3)
-    with fasttx.use_backend(backend), chunk_rows(16):
-        got = _run(fasttx.linear_cross_entropy, [t.bfloat16() for t in (hidden, weight, bias)], target,
-                   torch.tensor(1.0, dtype=torch.bfloat16))
-    truth = _run(linear_cross_entropy_ref, (hidden, weight, bias), target, torch.tensor(1.0, dtype=torch.float64))
-    own = _run(linear_cross_entropy_ref, [t.bfloat16() for t in (hidden, weight, bias)], target,
-               torch.tensor(1.0, dtype=torch.bfloat16))
-    assert_within_torch_error(got[2], truth[2], own[2], factor=3, what="grad_weight")
+    got, truth, own = _bf16_grad_weight(backend, rows=16, tokens=256, d=64, vocab=1009, seed=3)
+    assert_within_torch_error(got, truth, own, factor=3, what="grad_weight")
 
 
 def test_module_compiles_fullgraph():
