@@ -33,9 +33,13 @@ SMOKE = {"tokens": 64, "d": 32, "vocab": 1000, "dtype": "float32"}
 
 
 def sweep(level: str) -> list:
+    """V 32000 in fp32 and bf16. V 128256 (the issue's second vocabulary) is left out of the sweeps: its
+    eager fwd+bwd takes about 100 s a call in fp32 on 2 cores, which made `make bench` run for hours. Run it
+    on its own: bench.suite.run(ops=["linear_cross_entropy"], cases={"linear_cross_entropy": [KEY_CASES[i]
+    for i in (1, 3)]}) (docs/benchmarks.md, 2026-12-07, has its figures)."""
     if level == "smoke":
         return [dict(SMOKE)]
-    return [dict(c) for c in KEY_CASES]
+    return [dict(c) for c in KEY_CASES if c["vocab"] == 32000]
 
 
 def make_inputs(c: dict, device: torch.device) -> tuple:
