@@ -81,6 +81,17 @@ def test_matches_reference(device, backend, dtype, reduction, shape):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_chunk_matches_reference(device, backend, dtype):
+    """All tokens in one chunk (the default size here): grad_weight is one GEMM in the weight's dtype,
+    with no fp32 accumulator."""
+    skip_unless_runnable(device, backend)
+    hidden, weight, bias, target = _inputs(29, 17, 1009, torch.float64, device, bias=True)
+    assert lce_module.chunk_rows(29, 1009) >= 29
+    check_against_reference(backend, hidden, weight, bias, target, dtype, reduction="mean")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_bias_label_smoothing_softcap(device, backend, dtype, reduction):

@@ -61,8 +61,9 @@ def fasttx_fn(c: dict):
 
 class _ThreeGemms(torch.autograd.Function):
     """fasttx's chunk loop without its row kernel: per chunk, logits = h W^T into the chunk buffer, then
-    (when a gradient is wanted) grad_h = logits W and grad_W += logits^T h (the first chunk writes it). The GEMMs run where the
-    op's do (fasttx's CPU GEMM for fp32 on the CPU, torch.mm elsewhere; fp32 accumulation for bf16)."""
+    (when a gradient is wanted) grad_h = logits W and grad_W += logits^T h (the first chunk writes it).
+    The GEMMs run where the op's do (fasttx's CPU GEMM for fp32 on the CPU, torch.mm elsewhere; fp32
+    accumulation for bf16 over several chunks)."""
 
     @staticmethod
     def forward(ctx, hidden, weight):

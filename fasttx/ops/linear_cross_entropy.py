@@ -18,9 +18,9 @@ Design decisions:
     losses alone (1 GEMM a chunk) and the backward recomputes each chunk (4 GEMMs in all). The
     alternative, storing the per-row gradient factors, would need the (N, V) softmax.
   * No gradient work at all under no_grad or when no input requires a gradient.
-  * Chunk size: C = max(1, min(N, 2**25 // V)) rows, a logits buffer of 32M fp32 elements (128 MiB:
-    262 rows at V = 128256, 1048 at 32000); on the CPU, where bf16/fp16 logits are bf16/fp16, the same
-    128 MiB holds 2**26 of them. Eager fp32 holds >= 3 N V floats at its peak, so at
+  * Chunk size: C = max(1, min(N, 2**27 // (V * logits element size))) rows, a 128 MiB logits buffer:
+    2**25 fp32 logits (262 rows at V = 128256, 1048 at 32000), or on the CPU, where bf16/fp16 logits
+    stay bf16/fp16, 2**26 of them. With one chunk grad_weight needs no fp32 accumulator. Eager fp32 holds >= 3 N V floats at its peak, so at
     8192 tokens this is under 0.03x of it at V = 32000 and under 0.01x at 128256; large enough that the
     GEMMs are C x d x V with C in the hundreds, efficient on every backend. ``_CHUNK_ROWS`` (tests only)
     forces a size.
