@@ -77,6 +77,29 @@ CHILD = textwrap.dedent("""
             for o, t, p, factor in zip(ours, truth, torch_f32, (2, 3)):
                 err, torch_err = (o - t).abs().max().item(), (p - t).abs().max().item()
                 assert err <= factor * torch_err + 1e-6, (approx, err, torch_err)
+        # linear_cross_entropy's row kernel runs in float32 only (fp64 takes the portable loop): fp32 and
+        # bf16 against a float64 truth, softcap, label smoothing and an ignored row included, 1009 classes
+        # (a ragged last vector).
+        h, w, t = torch.randn(9, 24, dtype=torch.float64), torch.randn(1009, 24, dtype=torch.float64), \
+            torch.randint(0, 1009, (9,))
+        t[4] = -100
+        for dtype in (torch.float32, torch.bfloat16):
+            for kw in ({}, {"softcap": 3.0, "label_smoothing": 0.1}):
+                def lce_run(fn, dt, kw=kw):
+                    hh, ww = h.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+                    loss = fn(hh, ww, kw)
+                    return (loss.double(),) + tuple(g.double() for g in torch.autograd.grad(loss, (hh, ww)))
+                def lce_ref(hh, ww, kw):
+                    z = hh @ ww.T
+                    if "softcap" in kw:
+                        z = torch.tanh(z / kw["softcap"]) * kw["softcap"]
+                    return F.cross_entropy(z, t, label_smoothing=kw.get("label_smoothing", 0.0))
+                ours = lce_run(lambda hh, ww, kw: fasttx.linear_cross_entropy(hh, ww, t, **kw), dtype)
+                truth = lce_run(lce_ref, torch.float64)
+                torch_own = lce_run(lce_ref, dtype)
+                for o, tr, p, factor in zip(ours, truth, torch_own, (2, 3, 3)):
+                    err, torch_err = (o - tr).abs().max().item(), (p - tr).abs().max().item()
+                    assert err <= factor * torch_err + 1e-5, (dtype, kw, err, torch_err)
     print("fallbacks ok")
 """)
 

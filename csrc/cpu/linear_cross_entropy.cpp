@@ -9,8 +9,9 @@
 // grad_rows, the row is overwritten in place by its gradient
 //   g_n * (softmax(z) - (1 - eps) onehot(t) - eps / V) * (1 - (z / c)^2).
 // The row goes once into an opmath buffer (softcap applied), the max and
-// sum-of-exp passes run on that L2-resident buffer (softmax_kernels.h's
-// vectorized passes), and one more pass writes the gradient.
+// sum-of-exp passes run on that L2-resident buffer, and one more pass writes
+// the gradient. This file keeps the portable loops (fp64, CPUs below AVX2);
+// linear_cross_entropy_vec.h has the vectorized ones.
 //
 // Rows are independent and each is reduced in a fixed order: results do not
 // depend on the thread count.
@@ -26,11 +27,23 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_features.h"
+#include "cpu/linear_cross_entropy_kernels.h"
 #include "cpu/matmul.h"
 #include "cpu/softmax_kernels.h"
 
 namespace fasttx {
 namespace {
+
+const LinearCrossEntropyRowKernels* vector_row_kernels() {
+  switch (cpu_isa()) {
+#ifdef FASTTX_HAVE_VEC_ISAS
+    case CpuIsa::kAvx512: return &avx512::linear_cross_entropy_rows;
+    case CpuIsa::kAvx2: return &avx2::linear_cross_entropy_rows;
+#endif
+    default: return nullptr;
+  }
+}
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1)); }
 
@@ -123,6 +136,12 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_rows_cpu(const at::Tenso
   }
   auto loss = at::empty({rows}, logits.options().dtype(acc));
   auto lse = at::empty({rows}, logits.options().dtype(acc));
+  const LinearCrossEntropyRowKernels* vec = vector_row_kernels();
+  if (vec && acc == at::kFloat) {
+    vec->rows(logits, target.data_ptr<int64_t>(), grad_rows ? grad_rows->data_ptr<float>() : nullptr, ignore_index,
+              float(label_smoothing), float(softcap), loss.data_ptr<float>(), lse.data_ptr<float>());
+    return {loss, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "linear_cross_entropy_rows_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     lce_rows_kernel<scalar_t>(logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
