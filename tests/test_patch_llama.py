@@ -304,6 +304,37 @@ def test_qwen3_under_bf16_autocast_gives_the_unpatched_dtypes_and_close_values()
         torch.testing.assert_close(got.loss, want.loss, rtol=0.02, atol=0)
 
 
+def test_rotary_under_autocast_rounds_once_to_what_the_attention_sees():
+    """Under bf16 autocast transformers' rotary returns fp32 (its tables' dtype), which the attention casts back
+    to bf16; the patched one is fasttx.apply_rotary returning bf16 directly: the values the attention sees, and
+    gradients at least as close to a float64 truth (transformers' round each of the two products' gradients
+    to bf16 and add them in bf16; fasttx rounds once). Outside autocast the promotion stays."""
+    from transformers.models.llama import modeling_llama
+    original = modeling_llama.apply_rotary_pos_emb
+    wrapped = hf_llama._rotary_function(original, partial=False)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 33, 16, generator=gen).bfloat16().requires_grad_()
+    k = torch.randn(2, 2, 33, 16, generator=gen).bfloat16().requires_grad_()
+    angles = torch.randn(2, 33, 8, generator=gen).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            mock.patch.object(hf_llama, "apply_rotary", wraps=hf_llama.apply_rotary) as rotary:
+        got, want = wrapped(q, k, cos, sin), original(q, k, cos, sin)
+    assert rotary.call_count == 1
+    assert [t.dtype for t in got] == [torch.bfloat16] * 2 and [t.dtype for t in want] == [torch.float32] * 2
+    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(got, want))  # one fp32 formula, rounded once
+    grads = [torch.randn(t.shape, generator=gen).bfloat16() for t in got]
+    got_grads = torch.autograd.grad(got, (q, k), grads)
+    want_grads = torch.autograd.grad([w.bfloat16() for w in want], (q, k), grads)  # through the attention's cast
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    truth = torch.autograd.grad(original(q64, k64, cos.double(), sin.double()), (q64, k64),
+                                [g.double() for g in grads])
+    for ours, theirs, exact in zip(got_grads, want_grads, truth):
+        assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
+    with mock.patch.object(hf_llama, "apply_rotary", wraps=hf_llama.apply_rotary) as rotary:
+        assert all(t.dtype == torch.float32 for t in wrapped(q, k, cos, sin)) and rotary.call_count == 0
+
+
 def test_rms_norm_compiles_without_a_graph_break_when_eps_changes_between_calls():
     """torch.compile traces a float argument that changed since the last compile as a SymFloat (two models'
     norm eps, 1e-6 then 1e-5): fasttx.rms_norm's argument check must take it without a graph break."""

@@ -250,14 +250,22 @@ def _rotary_support(cls: type) -> tuple:
 
 def _rotary_function(original, partial: bool):
     """apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) as fasttx.apply_rotary where it computes the same
-    thing in the same dtype; any other call (another layout, partial rotary where ``original`` has none,
-    tables of a wider dtype than q, which transformers' code promotes) runs ``original``."""
+    thing; any other call (another layout, partial rotary where ``original`` has none, tables of a wider dtype
+    than q outside autocast, which transformers' code promotes) runs ``original``.
+
+    Under autocast, transformers' rotary takes bf16/fp16 q and k with fp32 tables and returns fp32, which
+    every attention path (eager's matmuls, SDPA, fasttx's, flash-attention's) then casts back to the autocast
+    dtype. fasttx.apply_rotary returns that dtype directly, rounded once from the same fp32 math: the values
+    the attention sees, with half the bytes and no cast (a KV cache then holds them in the autocast dtype)."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if (args or kwargs) and (len(args) + len(kwargs) != 1 or (args[0] if args else
                                                                    kwargs.get("unsqueeze_dim", None)) != 1):
             return original(q, k, cos, sin, *args, **kwargs)
+        autocast_rounding = (cos.dtype == torch.float32 and q.dtype in (torch.bfloat16, torch.float16)
+                             and torch.is_autocast_enabled(q.device.type)
+                             and torch.get_autocast_dtype(q.device.type) == q.dtype)
         if (q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or k.dtype != q.dtype or sin.dtype != cos.dtype
-                or torch.promote_types(q.dtype, cos.dtype) != q.dtype
+                or (torch.promote_types(q.dtype, cos.dtype) != q.dtype and not autocast_rounding)
                 or (cos.shape[-1] != q.shape[-1] and not partial)):
             return original(q, k, cos, sin)
         return apply_rotary(q, k, cos, sin)
