@@ -231,15 +231,21 @@ def test_cli_refuses_a_bad_llama_config_in_one_line(corpus, tmp_path, capsys):
     assert "n_head (4) must be a multiple of n_kv_head (3)" in err and err.count("\n") == 1, err
 
 
-def test_compare_command_takes_the_llama_arch(corpus, tmp_path, capsys, monkeypatch):
-    # a tiny run of `python -m fasttx compare --arch llama`
+def test_compare_command_takes_the_llama_arch_and_a_compiled_provider(corpus, tmp_path, capsys, monkeypatch):
+    # a tiny run of `python -m fasttx compare --arch llama --compile`
     data = corpus[corpus.index("--data") + 1]
     monkeypatch.setenv("FASTTX_CACHE", corpus[corpus.index("--cache-dir") + 1])
     assert cli(["compare", "--arch", "llama", "--n-kv-head", "2", "--steps", "3", "--warmup-steps", "1",
                 "--n-layer", "1", "--d-model", "32", "--n-head", "4", "--block-size", "16", "--batch-size", "2",
-                "--device", "cpu", "--data", data, "--out", str(tmp_path)]) == 0
+                "--device", "cpu", "--data", data, "--out", str(tmp_path), "--compile"]) == 0
     printed = capsys.readouterr().out
     assert "model: arch llama" in printed and "4 heads (2 key/value)" in printed, printed
+    assert "| torch.compile |" in printed and "torch.compile: fused" in printed, printed
     saved = json.loads((tmp_path / "compare_llama_fp32.json").read_text())
     assert saved["config"]["arch"] == "llama" and saved["config"]["n_kv_head"] == 2
     assert saved["criteria"]["loss"]["pass"], saved["criteria"]
+    compiled, eager = saved["providers"]["torch.compile"], saved["providers"]["eager"]
+    assert len(compiled["step_times_s"]) == 3 and compiled["step_peak_bytes"] > 0
+    # the same model and batches: the compiled eager model trains as the eager one does
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+    assert saved["criteria"]["compile"]["value"] == pytest.approx(saved["speedup_vs_compile"]["median"])

@@ -9,13 +9,16 @@ then their losses no longer compare the kernels.
 Timing is interleaved in one process: eager step i and fused step i run back to back,
 alternating which goes first, so drift (thermal, other load) hits both alike. A timed
 step is a full training step: forward, loss, backward, optimizer step, zero_grad.
-The speedup is the median over steps of eager_time / fused_time.
+The speedup is the median over steps of eager_time / fused_time. With ``--compile`` a
+third model, the eager one under ``torch.compile`` (default mode), trains alongside from
+the same weights; its first steps compile, which the untimed warmup steps absorb.
 
 Peak memory is measured outside the timed steps, on a deep copy of each model and its
 optimizer, during one more training step: static bytes (parameters, buffers, optimizer
 state and the batch, live before the step starts) plus the step's peak of bytes held by
 torch's allocator above them. On the CPU that peak comes from the profiler's raw
-allocation records (see ``step_peak_bytes``); on CUDA from max_memory_allocated.
+allocation records (see ``step_peak_bytes``); on CUDA from max_memory_allocated. The
+compiled model is measured on itself after training (a copy would compile again).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from fasttx.lm.train import TrainConfig, lr_at, make_optimizer, train_step
 from fasttx.models.gpt import ARCHS, GPT, GPTConfig
 
 PROVIDERS = ("eager", "fused")
+COMPILED = "torch.compile"                  # the eager model under torch.compile, with --compile
 DTYPES = ("fp32", "bf16")
 SPEED_TARGET = {"fp32": 1.1, "bf16": 1.3}   # fused tokens/s >= target x eager's
 LOSS_TOLERANCE = {"fp32": 0.01, "bf16": 0.03}
@@ -118,7 +122,7 @@ def compare(steps: int = 50, n_layer: int = 6, n_head: int = 6, d_model: int = 3
             batch_size: int = 8, dtype: str = "fp32", threads: Optional[int] = None, seed: int = 0,
             lr: float = 1e-3, data: Optional[list] = None, out=None, device=None, warmup_steps: int = 2,
             cache_dir=None, progress: bool = True, file_stem: str = "compare", arch: str = "gpt",
-            n_kv_head: Optional[int] = None, d_hidden: Optional[int] = None) -> dict:
+            n_kv_head: Optional[int] = None, d_hidden: Optional[int] = None, with_compile: bool = False) -> dict:
     """Train eager and fused for `steps` steps and return (and write as JSON and PNG) the results."""
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0)):
         if not isinstance(value, int) or value < low:
@@ -146,13 +150,19 @@ def compare(steps: int = 50, n_layer: int = 6, n_head: int = 6, d_model: int = 3
         models = {"eager": GPT(base, device=device)}
         models["fused"] = GPT(GPTConfig(**{**base.to_dict(), "kernels": "fused"}), device=device)
         models["fused"].load_state_dict(models["eager"].state_dict())
+        providers = PROVIDERS
+        if with_compile:
+            providers = PROVIDERS + (COMPILED,)
+            plain = GPT(base, device=device)
+            plain.load_state_dict(models["eager"].state_dict())
+            models[COMPILED] = torch.compile(plain)
         recipe = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, batch_size=batch_size, dtype=dtype)
         opts = {p: make_optimizer(m, recipe) for p, m in models.items()}
-        losses = {p: [] for p in PROVIDERS}
-        times = {p: [] for p in PROVIDERS}
+        losses = {p: [] for p in providers}
+        times = {p: [] for p in providers}
         for step in tqdm(range(steps), desc="compare", disable=not progress):
             x, y = (t.to(device) for t in corpus.get_batch("train", step, 0, batch_size, seed))
-            for p in (PROVIDERS if step % 2 == 0 else PROVIDERS[::-1]):
+            for p in (providers if step % 2 == 0 else providers[::-1]):
                 start = time.perf_counter()
                 losses[p].append(_train_step(models[p], opts[p], x, y, lr_at(step, recipe), dtype))
                 times[p].append(time.perf_counter() - start)
@@ -160,8 +170,8 @@ def compare(steps: int = 50, n_layer: int = 6, n_head: int = 6, d_model: int = 3
         # Memory: one more step on a copy of each model and optimizer, so training is untouched.
         x, y = (t.to(device) for t in corpus.get_batch("train", steps, 0, batch_size, seed))
         memory = {}
-        for p in PROVIDERS:
-            model, opt = copy.deepcopy((models[p], opts[p]))
+        for p in providers:
+            model, opt = (models[p], opts[p]) if p == COMPILED else copy.deepcopy((models[p], opts[p]))
             static = tensor_bytes([*model.parameters(), *model.buffers(), x, y,
                                    *(v for state in opt.state.values() for v in state.values())])
             step_peak = step_peak_bytes(lambda: _train_step(model, opt, x, y, lr_at(steps, recipe), dtype), device)
@@ -172,13 +182,13 @@ def compare(steps: int = 50, n_layer: int = 6, n_head: int = 6, d_model: int = 3
         torch.set_num_threads(old_threads)
 
     tokens = batch_size * block_size
-    results = {"config": {**base.to_dict(), "kernels": list(PROVIDERS)},
+    results = {"config": {**base.to_dict(), "kernels": list(providers)},
                "settings": dict(steps=steps, warmup_steps=warmup_steps, batch_size=batch_size, dtype=dtype, seed=seed,
                                 lr=lr, optimizer=f"fasttx.lm.train's AdamW, {recipe.warmup} warmup steps, cosine "
                                 f"to {recipe.min_lr:g}, clip {recipe.grad_clip:g}", device=str(device),
                                 data=[str(d) for d in data] if data else "stdlib"),
                "machine": machine, "providers": {}}
-    for p in PROVIDERS:
+    for p in providers:
         stats = _quantiles(times[p][warmup_steps:])
         results["providers"][p] = {"losses": losses[p], "step_times_s": times[p], "step_time_s": stats,
                                    "tokens_per_s": tokens / stats["median"], "final_loss": losses[p][-1], **memory[p]}
@@ -195,6 +205,10 @@ def compare(steps: int = 50, n_layer: int = 6, n_head: int = 6, d_model: int = 3
         "loss": {"value": max(rel_diff), "target": LOSS_TOLERANCE[dtype],
                  "pass": max(rel_diff) <= LOSS_TOLERANCE[dtype]},
     }
+    if with_compile:
+        versus = _quantiles([c / f for c, f in zip(times[COMPILED][warmup_steps:], times["fused"][warmup_steps:])])
+        results["speedup_vs_compile"] = versus
+        results["criteria"]["compile"] = {"value": versus["median"], "target": 1.0, "pass": versus["median"] >= 1.0}
     out.mkdir(parents=True, exist_ok=True)
     results["png"] = str(out / f"{file_stem}_{dtype}.png")
     results["json"] = str(out / f"{file_stem}_{dtype}.json")
@@ -209,7 +223,7 @@ def _plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
-    for p in PROVIDERS:
+    for p in results["providers"]:
         losses = results["providers"][p]["losses"]
         top.plot(range(len(losses)), losses, label=p, linestyle="-" if p == "eager" else "--")
     bottom.plot([100 * d for d in results["loss_rel_diff"]], color="gray")
@@ -254,6 +268,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup-steps", type=argtypes.integer(0), default=2,
                         help="untimed first steps (losses still compared)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also train the eager model under torch.compile, interleaved, and compare fused with it")
 
 
 def format_report(r: dict) -> str:
@@ -265,7 +281,7 @@ def format_report(r: dict) -> str:
              f"d_hidden {r['config'].get('d_hidden')}, T {r['config']['block_size']}", "",
              "| provider | step ms median [q20-q80] | tokens/s | peak MiB (static + step) | final loss |",
              "|---|---|---|---|---|"]
-    for p in PROVIDERS:
+    for p in r["providers"]:
         v = r["providers"][p]
         t = {k: 1e3 * x for k, x in v["step_time_s"].items()}
         lines.append(f"| {p} | {t['median']:.1f} [{t['q20']:.1f}-{t['q80']:.1f}] | {v['tokens_per_s']:,.0f} | "
@@ -284,6 +300,9 @@ def format_report(r: dict) -> str:
               f"(target <= {MEMORY_TARGET}x)",
               f"{word(c['loss']['pass'])}  loss: max |l_f - l_e| / l_e = {c['loss']['value']:.2e} over "
               f"{s['steps']} steps (target <= {100 * c['loss']['target']:g}%)",
+              *([f"{word(c['compile']['pass'])}  torch.compile: fused {c['compile']['value']:.2f}x the compiled "
+                 f"eager model (median of per-step ratios, q20-q80 {r['speedup_vs_compile']['q20']:.2f}-"
+                 f"{r['speedup_vs_compile']['q80']:.2f}; target >= 1.0x)"] if "compile" in c else []),
               "", f"plot: {r['png']}", f"json: {r['json']}"]
     return "\n".join(lines)
 
@@ -297,7 +316,7 @@ def main(args) -> int:
                           data=args.data, out=args.out, device=args.device, warmup_steps=args.warmup_steps,
                           file_stem=("compare_quick" if args.quick else "compare")
                           + ("_llama" if args.arch == "llama" else ""),
-                          arch=args.arch, n_kv_head=args.n_kv_head, d_hidden=args.d_hidden)
+                          arch=args.arch, n_kv_head=args.n_kv_head, d_hidden=args.d_hidden, with_compile=args.compile)
     except ValueError as err:
         print(f"fasttx compare: error: {err}", file=sys.stderr)
         return 2
