@@ -60,13 +60,15 @@ def train_args(corpus, out, *extra):
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
     """One torchrun launch of 2 ranks (tests/fsdp_worker.py) doing every FSDP run of this file in turn:
-    "whole" (6 steps), "fsdp" (stopped after step 3, copied to "at_stop", resumed to 6), "eager" (3 steps)."""
+    "whole" (6 steps), "fsdp" (stopped after step 3, copied to "at_stop", resumed to 6), "eager" (3 steps),
+    "llama" (the LLaMA architecture, 2 query heads sharing 1 key/value head, 3 steps)."""
     root = tmp_path_factory.mktemp("fsdp")
     plan = [train_args(corpus, root / "whole"),
             train_args(corpus, root / "fsdp", "--stop-at", str(STOP)),
             ["copy", str(root / "fsdp"), str(root / "at_stop")],
             train_args(corpus, root / "fsdp", "--resume"),
-            train_args(corpus, root / "eager", "--kernels", "eager", "--steps", str(STOP))]
+            train_args(corpus, root / "eager", "--kernels", "eager", "--steps", str(STOP)),
+            train_args(corpus, root / "llama", "--arch", "llama", "--n-kv-head", "1", "--steps", str(STOP))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(REPO / "tests" / "fsdp_worker.py"), json.dumps(plan)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
@@ -156,6 +158,22 @@ def test_fsdp_eager_kernels_match_one_process(corpus, runs, tmp_path):
     assert metrics(runs / "eager")[0] == pytest.approx(single["losses"], **LOSS_TOL)
     assert_same_weights(ckpt_io.load_checkpoint(runs / "eager" / "ckpt.pt")["model"],
                         ckpt_io.load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"])
+
+
+def test_fsdp_llama_architecture_matches_one_process(corpus, runs, tmp_path):
+    """--arch llama under FSDP2: its blocks gathered around their forward, its untied LM head saved under its
+    own name (not overwritten by the embedding's, as a tied head is) and loaded back into the sharded model."""
+    single = one_process(corpus, tmp_path / "single", arch="llama", n_kv_head=1, steps=STOP)
+    assert metrics(runs / "llama")[0] == pytest.approx(single["losses"], **LOSS_TOL)
+    saved = ckpt_io.load_checkpoint(runs / "llama" / "ckpt.pt")
+    one = ckpt_io.load_checkpoint(tmp_path / "single" / "ckpt.pt")
+    assert set(saved["model"]) == set(one["model"]) and "lm_head.weight" in one["model"]
+    assert not torch.equal(saved["model"]["lm_head.weight"], saved["model"]["tok_emb.weight"][:, :32])
+    assert_same_weights(saved["model"], one["model"])
+    assert set(saved["optimizer"]["state"]) == set(one["optimizer"]["state"])
+    for i, state in one["optimizer"]["state"].items():
+        torch.testing.assert_close(saved["optimizer"]["state"][i]["exp_avg"], state["exp_avg"], rtol=1e-3,
+                                   atol=1e-7, msg=str(i))
 
 
 def test_sharded_gpt_runs_fasttx_fast_path_and_refuses_what_it_cannot_do():

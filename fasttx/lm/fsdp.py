@@ -1,11 +1,12 @@
 """FSDP2 for the reference GPT: `python -m fasttx train --fsdp` under torchrun (or --nproc-per-node N).
 
 ``shard(model)`` applies ``torch.distributed.fsdp.fully_shard`` to every transformer block, then to the
-root (the embeddings, tied to the LM head, and the final norm). Each parameter becomes a DTensor sharded
+root (the embeddings, the LM head, tied to them in the GPT-2 architecture and not in the LLaMA one, and
+the final norm). Each parameter becomes a DTensor sharded
 on dim 0 across the ranks; a block's forward all-gathers its parameters into plain tensors, runs, and
 frees them again, and its backward reduce-scatters the gradients (averaged over ranks, as DDP does).
 
-The GPT calls its blocks through methods other than ``forward`` (``forward_deferred`` in the fused path,
+The LLaMA blocks run through their ``forward``. The GPT-2 ones are called through methods other than ``forward`` (``forward_deferred`` in the fused path,
 the plain-PyTorch ``_eager_block`` in the eager one), which FSDP2 does not see: ``shard`` registers both
 with ``register_fsdp_forward_method`` so they gather the parameters too. Inside them fasttx's ops see
 plain tensors (FSDP2's unsharded parameters are nn.Parameters of plain tensors), so the fused kernels'
@@ -44,11 +45,14 @@ def shard(model: gpt_module.GPT, mesh=None) -> gpt_module.GPT:
     if not isinstance(model, gpt_module.GPT):
         raise FSDPUnsupported(f"fasttx --fsdp: shards fasttx.models.GPT only, got {type(model).__name__}")
     arch = getattr(model.config, "arch", "gpt")
-    if arch != "gpt" or not all(isinstance(b, gpt_module.TransformerBlock) for b in model.blocks):
+    block_type = gpt_module.LlamaBlock if arch == "llama" else gpt_module.TransformerBlock
+    if not all(isinstance(b, block_type) for b in model.blocks):
         raise FSDPUnsupported(f"fasttx --fsdp: the {arch!r} architecture's blocks are not wired for FSDP2 (their "
                               f"forward methods must be registered with register_fsdp_forward_method); use DDP")
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
+        if arch == "llama":  # the GPT calls block(...): FSDP2's forward hooks gather it
+            continue
         # The GPT's forward calls these, not block.forward: FSDP2 must gather the block around them too.
         block.forward_eager = functools.partial(gpt_module._eager_block, block)
         register_fsdp_forward_method(block, "forward_deferred")
@@ -67,6 +71,11 @@ def _no_generate(model, *args, **kwargs):
     raise FSDPUnsupported("fasttx --fsdp: a model sharded with FSDP2 cannot generate: the KV-cache decoding runs "
                           "its blocks outside any FSDP-registered method, on sharded weights. Load the checkpoint "
                           "(fasttx.lm.generate.load_model, python -m fasttx generate) into an unsharded GPT")
+
+
+def _tied(model) -> bool:
+    """Whether the LM head is the token embedding (GPT-2 architecture), listed once by named_parameters."""
+    return getattr(model.config, "arch", "gpt") != "llama"
 
 
 def _param_ids(model, optimizer) -> tuple[list[list[str]], dict[str, int]]:
@@ -88,10 +97,11 @@ def full_state(model, optimizer) -> tuple[dict | None, dict | None]:
     if torch.distributed.get_rank() != 0:
         return None, None
     model_state = dict(model_state)
-    if TIED_TO in model_state:
+    tied = _tied(model)
+    if tied and TIED_TO in model_state:
         model_state[TIED_KEY] = model_state[TIED_TO]  # model.state_dict() lists the tied weight under both names
     groups, ids = _param_ids(model, optimizer)
-    state = {ids[_untied(n)]: s for n, s in optim_state["state"].items()}
+    state = {ids[_untied(n) if tied else n]: s for n, s in optim_state["state"].items()}
     param_groups = [{**{k: v for k, v in theirs.items() if k != "params"}, "params": [ids[n] for n in mine]}
                     for theirs, mine in zip(optim_state["param_groups"], groups)]
     return model_state, {"state": state, "param_groups": param_groups}
@@ -109,7 +119,8 @@ def load_full_state(model, optimizer, model_state: dict, optim_state: dict) -> N
     state = {names[i]: s for i, s in optim_state["state"].items()}
     param_groups = [{**{k: v for k, v in theirs.items() if k != "params"}, "params": mine}
                     for theirs, mine in zip(optim_state["param_groups"], groups)]
-    model_state = {k: v for k, v in model_state.items() if k != TIED_KEY}
+    if _tied(model):
+        model_state = {k: v for k, v in model_state.items() if k != TIED_KEY}
     set_state_dict(model, optimizer, model_state_dict=model_state,
                    optim_state_dict={"state": state, "param_groups": param_groups},
                    options=StateDictOptions(full_state_dict=True, strict=False))

@@ -179,6 +179,12 @@ class LlamaBlock(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(c.d_model, eps=RMS_NORM_EPS, **factory)
         self.mlp = GLUFFN(c.d_model, c.d_hidden, "silu", bias=False, **factory)
 
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, eager: bool, cache: Optional["KVCache"] = None,
+                layer: int = 0) -> Tensor:
+        # The GPT calls its blocks through here, so that FSDP2 (fasttx.lm.fsdp) gathers a block's parameters
+        # around it as it does around any module's forward.
+        return _llama_block(self, x, cos, sin, eager, cache, layer)
+
 
 class GPT(torch.nn.Module):
     def __init__(self, config: GPTConfig, device=None, dtype=None) -> None:
@@ -330,11 +336,11 @@ class GPT(torch.nn.Module):
         cos, sin = self.rotary(x, positions)  # (t, head_dim) in x's dtype, computed in fp32
         if eager:
             for layer, block in enumerate(self.blocks):
-                x = _llama_block(block, x, cos, sin, True, cache, layer)
+                x = block(x, cos, sin, True, cache, layer)
             return F.linear(_norm(self.ln_f, x, True), self.lm_head.weight)
         with recomputed_activations():  # norm outputs are rebuilt in backward, not kept
             for layer, block in enumerate(self.blocks):
-                x = _llama_block(block, x, cos, sin, False, cache, layer)
+                x = block(x, cos, sin, False, cache, layer)
             return linear(normed_operand(self.ln_f, x), autocast_operand(self.lm_head.weight))
 
 
