@@ -26,13 +26,6 @@ namespace {
 
 using Vf = at::vec::Vectorized<float>;
 
-float reduce_max(Vf v) {
-  return at::vec::vec_reduce_all<float>([](Vf a, Vf b) { return at::vec::maximum(a, b); }, v);
-}
-float reduce_add(Vf v) {
-  return at::vec::vec_reduce_all<float>([](Vf a, Vf b) { return a + b; }, v);
-}
-
 template <typename T>
 void lce_rows_kernel(T* x, const int64_t* target, const float* grad_rows, int64_t ignore_index, float eps, float cap,
                      int64_t rows, int64_t vocab, float* loss, float* lse) {
@@ -62,7 +55,7 @@ void lce_rows_kernel(T* x, const int64_t* target, const float* grad_rows, int64_
         v.store(z.data() + j, k);
         vmax = at::vec::maximum(vmax, k == W ? v : Vf::set(neg_inf, v, k));
       }
-      const float max = reduce_max(vmax);
+      const float max = lane_max(vmax);
       const float z_t = ignored ? 0.0f : z[t];
       const bool keep_exps = grad_rows != nullptr && !ignored;
       const Vf vm(max);
@@ -80,10 +73,10 @@ void lce_rows_kernel(T* x, const int64_t* target, const float* grad_rows, int64_
         sum = sum + ev;
         if (eps != 0.0f) gap = gap + gv;
       }
-      const float total = reduce_add(sum);
+      const float total = lane_add(sum);
       const float log_sum = std::log(total);
       lse[r] = max + log_sum;
-      loss[r] = ignored ? 0.0f : (1.0f - eps) * (max - z_t) + log_sum + (eps != 0.0f ? smooth * reduce_add(gap) : 0.0f);
+      loss[r] = ignored ? 0.0f : (1.0f - eps) * (max - z_t) + log_sum + (eps != 0.0f ? smooth * lane_add(gap) : 0.0f);
       if (grad_rows == nullptr) continue;
       if (ignored) {
         std::fill(xr, xr + vocab, T(0));

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "cpu/softmax_kernels.h"
+#include "cpu/vec/io.h"
 
 namespace fasttx {
 namespace FASTTX_ISA {
@@ -48,13 +49,6 @@ Vf vec_exp(Vf x) {
 // exp_u20 clamps NaN to log(FLT_MAX): one compare and blend put it back.
 Vf vec_exp(Vf x) { return Vf::blendv(x.exp_u20(), x, x != x); }
 #endif
-
-float lane_max(Vf v) {
-  return at::vec::vec_reduce_all<float>([](Vf a, Vf b) { return at::vec::maximum(a, b); }, v);
-}
-float lane_add(Vf v) {
-  return at::vec::vec_reduce_all<float>([](Vf a, Vf b) { return a + b; }, v);
-}
 
 float row_scale_mask_max(const float* x, const float* mask, float scale, float* s, int64_t n) {
   const Vf neg_inf(-std::numeric_limits<float>::infinity()), vscale(scale);

@@ -2,15 +2,16 @@
 
 ``shard(model)`` applies ``torch.distributed.fsdp.fully_shard`` to every transformer block, then to the
 root (the embeddings, the LM head, tied to them in the GPT-2 architecture and not in the LLaMA one, and
-the final norm). Each parameter becomes a DTensor sharded
-on dim 0 across the ranks; a block's forward all-gathers its parameters into plain tensors, runs, and
-frees them again, and its backward reduce-scatters the gradients (averaged over ranks, as DDP does).
+the final norm). Each parameter becomes a DTensor sharded on dim 0 across the ranks; a block's forward
+all-gathers its parameters into plain tensors, runs, and frees them again, and its backward
+reduce-scatters the gradients (averaged over ranks, as DDP does).
 
-The LLaMA blocks run through their ``forward``. The GPT-2 ones are called through methods other than ``forward`` (``forward_deferred`` in the fused path,
-the plain-PyTorch ``_eager_block`` in the eager one), which FSDP2 does not see: ``shard`` registers both
-with ``register_fsdp_forward_method`` so they gather the parameters too. Inside them fasttx's ops see
-plain tensors (FSDP2's unsharded parameters are nn.Parameters of plain tensors), so the fused kernels'
-eager fast path runs, as does the saved-tensor recompute of ``recomputed_activations``.
+The LLaMA blocks run through their ``forward``, which FSDP2 hooks. The GPT-2 ones are called through
+methods other than ``forward`` (``forward_deferred`` in the fused path, the plain-PyTorch ``_eager_block``
+in the eager one), which FSDP2 does not see: ``shard`` registers both with ``register_fsdp_forward_method``
+so they gather the parameters too. Inside them fasttx's ops see plain tensors (FSDP2's unsharded
+parameters are nn.Parameters of plain tensors), so the fused kernels' eager fast path runs, as does the
+saved-tensor recompute of ``recomputed_activations``.
 
 Checkpoints stay the ordinary ``fasttx.lm.checkpoint`` file: ``full_state`` gathers the full (unsharded)
 model and optimizer state with ``torch.distributed.checkpoint.state_dict.get_state_dict`` onto rank 0's

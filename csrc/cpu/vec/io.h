@@ -78,6 +78,16 @@ struct Io {
   }
 };
 
+// The max (NaN if a lane is NaN) and the float sum of a float register's lanes, in a fixed order.
+inline float lane_max(at::vec::Vectorized<float> v) {
+  using Vf = at::vec::Vectorized<float>;
+  return at::vec::vec_reduce_all<float>([](Vf a, Vf b) { return at::vec::maximum(a, b); }, v);
+}
+inline float lane_add(at::vec::Vectorized<float> v) {
+  using Vf = at::vec::Vectorized<float>;
+  return at::vec::vec_reduce_all<float>([](Vf a, Vf b) { return a + b; }, v);
+}
+
 // Sum of the lanes of v in double, in a fixed tree order. A few shuffles: a
 // lane-by-lane scalar sum is a chain of 16 dependent adds, which cost as much
 // as the vector work of a whole 768-element row in the norm kernels.
