@@ -1,4 +1,4 @@
-"""NaN and +-Inf through apply_rotary, glu and glu_ffn land where PyTorch's own formulas put them,
+"""NaN and +-Inf through apply_rotary, glu, glu_ffn and linear_cross_entropy land where PyTorch's own formulas put them,
 values and gradients (tests/test_nonfinite.py does the same for the older ops)."""
 import pytest
 import torch
@@ -29,13 +29,13 @@ def both(fn_fasttx, fn_torch, inputs, backend):
     return results
 
 
-def assert_same_nonfinite(got, want):
+def assert_same_nonfinite(got, want, rtol=1e-4, atol=1e-5):
     assert any((~torch.isfinite(w)).any() for w in want), "the poisoned input reached no output: the test checks nothing"
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w)), "NaN in other places than torch's"
         assert torch.equal(torch.isposinf(g), torch.isposinf(w)) and torch.equal(torch.isneginf(g), torch.isneginf(w))
         finite = torch.isfinite(w)
-        torch.testing.assert_close(g[finite].double(), w[finite].double(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g[finite].double(), w[finite].double(), rtol=rtol, atol=atol)
 
 
 def rotate_half(x):
@@ -73,3 +73,23 @@ def test_glu_ffn(backend):
     ref = lambda x, a, b, c: F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c)
     got, want = both(lambda x, a, b, c: fasttx.glu_ffn(x, a, b, c), ref, (x, w_gate, w_up, w_down), backend)
     assert_same_nonfinite(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy(backend, dtype):
+    """A NaN in a token's hidden state makes its loss and its gradient rows NaN (and, through the sums over
+    tokens, grad_weight and grad_bias); a -inf bias makes that class's logits -inf: its probability is 0,
+    and a token whose target it is gets an infinite loss with a finite gradient, as in F.cross_entropy."""
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(6, 16), torch.randn(37, 16) * 0.3, torch.randn(37)
+    hidden[1, 3], bias[5] = float("nan"), float("-inf")
+    target = torch.tensor([0, 3, 5, 36, 5, 9])
+    inputs = tuple(t.to(dtype) for t in (hidden, weight, bias))
+    ref = lambda h, w, b: F.cross_entropy(F.linear(h, w, b), target, reduction="none")
+    got, want = both(lambda h, w, b: fasttx.linear_cross_entropy(h, w, target, b, reduction="none"), ref, inputs,
+                     backend)
+    assert torch.isnan(want[0][1]) and torch.isposinf(want[0][2]) and torch.isfinite(want[0][[0, 3, 5]]).all()
+    # the finite values to bf16's rounding there (the reference tests hold them to the 2x/3x rule)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    assert_same_nonfinite([g.float() for g in got], [w.float() for w in want], **tol)
