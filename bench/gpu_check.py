@@ -45,6 +45,7 @@ GPU_CASES = {
     "layer_norm": [{"shape": (16384, 1024)}],
     "add_layer_norm": [{"shape": (16384, 1024)}],
     "rms_norm": [{"shape": (16384, 1024)}],
+    "add_rms_norm": [{"shape": (16384, 1024)}],
     "gelu_ffn": [{"tokens": 8192, "d_model": 768, "d_hidden": 3072, "activation": "gelu"}],
     "attention": [{"batch": 4, "heads": 12, "seq": 1024, "head_dim": 64, "causal": True}],
     "softmax": [{"shape": (4, 12, 1024, 1024)}],

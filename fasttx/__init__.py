@@ -10,13 +10,14 @@ if _torch_release < TORCH_FLOOR:
 
 from fasttx.backends import BACKENDS, BackendUnavailableError, use_backend  # noqa: E402
 from fasttx import nn  # noqa: E402
-from fasttx.ops import (add_layer_norm, apply_rotary, bias_gelu, cross_entropy, gelu_ffn, glu, glu_ffn,  # noqa: E402
-                        layer_norm, linear_cross_entropy, rms_norm, scaled_dot_product_attention, softmax)
+from fasttx.ops import (add_layer_norm, add_rms_norm, apply_rotary, bias_gelu, cross_entropy, gelu_ffn,  # noqa: E402
+                        glu, glu_ffn, layer_norm, linear_cross_entropy, rms_norm, scaled_dot_product_attention,
+                        softmax)
 from fasttx.patching import PatchReport, patch, unpatch  # noqa: E402
 from fasttx.patching.accelerate import accelerate  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "add_layer_norm", "apply_rotary", "bias_gelu",
-           "cross_entropy", "gelu_ffn", "glu", "glu_ffn", "layer_norm", "linear_cross_entropy", "rms_norm",
+__all__ = ["BACKENDS", "BackendUnavailableError", "use_backend", "add_layer_norm", "add_rms_norm", "apply_rotary",
+           "bias_gelu", "cross_entropy", "gelu_ffn", "glu", "glu_ffn", "layer_norm", "linear_cross_entropy", "rms_norm",
            "scaled_dot_product_attention", "softmax", "nn", "patch", "unpatch", "accelerate", "PatchReport",
            "__version__", "TORCH_FLOOR"]

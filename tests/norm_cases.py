@@ -14,6 +14,8 @@ def fasttx_fn(op):
         return lambda x, r, w, b: (fasttx.layer_norm(x, x.shape[-1:], w, b),)
     if op == "add_layer_norm":
         return lambda x, r, w, b: fasttx.add_layer_norm(x, r, x.shape[-1:], w, b)
+    if op == "add_rms_norm":
+        return lambda x, r, w, b: fasttx.add_rms_norm(x, r, x.shape[-1:], w, RMS_EPS)
     return lambda x, r, w, b: (fasttx.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
 
 
@@ -22,6 +24,8 @@ def torch_fn(op):
         return lambda x, r, w, b: (F.layer_norm(x, x.shape[-1:], w, b),)
     if op == "add_layer_norm":
         return lambda x, r, w, b: (F.layer_norm(x + r, x.shape[-1:], w, b), x + r)
+    if op == "add_rms_norm":
+        return lambda x, r, w, b: (F.rms_norm(x + r, x.shape[-1:], w, RMS_EPS), x + r)
     return lambda x, r, w, b: (F.rms_norm(x, x.shape[-1:], w, RMS_EPS),)
 
 

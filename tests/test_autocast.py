@@ -24,6 +24,8 @@ CASES = [
      lambda x, r, w: fasttx.add_layer_norm(x, r, (N,), w)[0], lambda x, r, w: F.layer_norm(x + r, (N,), w)),
     ("rms_norm bf16 x, fp32 weight", lambda: (_leaf(5, N, dtype=torch.bfloat16), _leaf(N)),
      lambda x, w: fasttx.rms_norm(x, (N,), w), lambda x, w: F.rms_norm(x, (N,), w)),
+    ("add_rms_norm bf16 branch, fp32 residual", lambda: (_leaf(5, N, dtype=torch.bfloat16), _leaf(5, N), _leaf(N)),
+     lambda x, r, w: fasttx.add_rms_norm(x, r, (N,), w)[0], lambda x, r, w: F.rms_norm(x + r, (N,), w)),
     ("bias_gelu bf16 x, fp32 bias", lambda: (_leaf(5, N, dtype=torch.bfloat16), _leaf(N)),
      lambda x, b: fasttx.bias_gelu(x, b), lambda x, b: F.gelu(x + b)),
     ("gelu_ffn fp32", lambda: (_leaf(5, N), _leaf(96, N), _leaf(96), _leaf(N, 96), _leaf(N)),
@@ -60,6 +62,8 @@ def test_outside_autocast_mismatched_dtypes_still_raise():
         fasttx.layer_norm(torch.randn(2, N), (N,), torch.ones(N, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="must match"):
         fasttx.add_layer_norm(torch.randn(2, N, dtype=torch.bfloat16), torch.randn(2, N), (N,))
+    with pytest.raises(TypeError, match="add_rms_norm: residual has dtype torch.float32 but x has torch.bfloat16"):
+        fasttx.add_rms_norm(torch.randn(2, N, dtype=torch.bfloat16), torch.randn(2, N), (N,))
 
 
 # ---- the norms' mixed-precision CPU kernels -------------------------------------------------------
@@ -72,30 +76,34 @@ def _count_casts(fn):
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("order", ["branch first", "residual first"])
-def test_add_layer_norm_reads_a_narrow_branch_beside_an_fp32_residual_without_casts(low, order):
-    """Under autocast, add_layer_norm(bf16 branch, fp32 residual, out_dtype=bf16) is the promoted
-    computation (the same sum, y rounded once), made with no cast: the kernel reads the branch as it
-    is, writes y in bf16, reads y's bf16 gradient and writes the branch's gradient in bf16."""
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_add_norm_reads_a_narrow_branch_beside_an_fp32_residual_without_casts(op, low, order):
+    """Under autocast, add_layer_norm / add_rms_norm(bf16 branch, fp32 residual, out_dtype=bf16) is the
+    promoted computation (the same sum, y rounded once), made with no cast: the kernel reads the branch
+    as it is, writes y in bf16, reads y's bf16 gradient and writes the branch's gradient in bf16."""
     torch.manual_seed(0)
     branch, residual = _leaf(4, 3, 77, dtype=low), _leaf(4, 3, 77)
     w, b = _leaf(77), _leaf(77)
+    leaves = (branch, residual, w, b) if op == "add_layer_norm" else (branch, residual, w)
+    norm = (lambda x, r, **kw: fasttx.add_layer_norm(x, r, (77,), w, b, **kw)) if op == "add_layer_norm" else \
+        (lambda x, r, **kw: fasttx.add_rms_norm(x, r, (77,), w, **kw))
     grad_y, grad_s = torch.randn(4, 3, 77).to(low), torch.randn(4, 3, 77)
     pair = (branch, residual) if order == "branch first" else (residual, branch)
 
     def fused():
         with torch.autocast("cpu", dtype=low):
-            y, s = fasttx.add_layer_norm(*pair, (77,), w, b, out_dtype=low)
-        return (y, s), torch.autograd.grad((y, s), (branch, residual, w, b), (grad_y, grad_s))
+            y, s = norm(*pair, out_dtype=low)
+        return (y, s), torch.autograd.grad((y, s), leaves, (grad_y, grad_s))
 
     def promoted():  # what it replaces: promote, norm in fp32, cast y
-        y, s = fasttx.add_layer_norm(branch.float(), residual, (77,), w, b)
+        y, s = norm(branch.float(), residual)
         y = y.to(low)
-        return (y, s), torch.autograd.grad((y, s), (branch, residual, w, b), (grad_y, grad_s))
+        return (y, s), torch.autograd.grad((y, s), leaves, (grad_y, grad_s))
 
     (outs, grads), (want, want_grads) = fused(), promoted()
     assert outs[0].dtype == low and outs[1].dtype == torch.float32
     assert torch.equal(outs[0], want[0]) and torch.equal(outs[1], want[1])
-    for g, e, leaf in zip(grads, want_grads, (branch, residual, w, b)):
+    for g, e, leaf in zip(grads, want_grads, leaves):
         assert g.dtype == leaf.dtype
         torch.testing.assert_close(g.float(), e.float(), rtol=1e-5, atol=1e-5)
     assert _count_casts(fused) == 0

@@ -36,6 +36,8 @@ CHILD = textwrap.dedent("""
                 (lambda: fasttx.add_layer_norm(x, r, (n,), w, b)[0], lambda: F.layer_norm(x + r, (n,), w, b),
                  norm_args),
                 (lambda: fasttx.rms_norm(x, (n,), w, 1e-6), lambda: F.rms_norm(x, (n,), w, 1e-6), norm_args),
+                (lambda: sum(fasttx.add_rms_norm(x, r, (n,), w, 1e-6)),
+                 lambda: F.rms_norm(x + r, (n,), w, 1e-6) + (x + r), norm_args),
             ] + [
                 (lambda a=a: fasttx.gelu_ffn(x, w1, b1, w2, b2, a), lambda a=a: gelu_ffn_ref(x, w1, b1, w2, b2, a),
                  (x, w1, b1, w2, b2))
@@ -145,6 +147,7 @@ STREAM_CHILD = textwrap.dedent("""
                 w1, b1, w2, b2 = leaf(13, n), leaf(13), leaf(n, 13), leaf(n)
                 for y in (fasttx.bias_gelu(x, b), fasttx.bias_gelu(x, b, "tanh"), fasttx.layer_norm(x, n, w, b),
                           fasttx.add_layer_norm(x, r, n, w, b)[0], fasttx.rms_norm(x, n, w),
+                          fasttx.add_rms_norm(x, r, n, w)[0], fasttx.add_rms_norm(x, r, n, w)[1],
                           fasttx.gelu_ffn(x, w1, b1, w2, b2)):
                     grads = torch.autograd.grad(y, (x, w, b, w1, b1), torch.ones_like(y), allow_unused=True)
                     out += [y.detach()] + [g for g in grads if g is not None]

@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 
 import fasttx
 from fasttx.models import GPT, GPTConfig
-from fasttx.ops import (add_layer_norm_ref, bias_gelu_ref, cross_entropy_ref, gelu_ffn_ref, layer_norm_ref,
-                        rms_norm_ref, scaled_dot_product_attention_ref, softmax_ref)
+from fasttx.ops import (add_layer_norm_ref, add_rms_norm_ref, bias_gelu_ref, cross_entropy_ref, gelu_ffn_ref,
+                        layer_norm_ref, rms_norm_ref, scaled_dot_product_attention_ref, softmax_ref)
 from fasttx.ops.linear import linear, linear_ref
 
 from backend_params import skip_unless_runnable
@@ -60,6 +60,8 @@ def _op_cases(dtype=torch.float64):
         "add_layer_norm": ((x, r, w, b), lambda *t: fasttx.add_layer_norm(t[0], t[1], 5, t[2], t[3]),
                            lambda *t: add_layer_norm_ref(t[0], t[1], (5,), t[2], t[3])),
         "rms_norm": ((x, w), lambda *t: fasttx.rms_norm(t[0], 5, t[1]), lambda *t: rms_norm_ref(t[0], (5,), t[1])),
+        "add_rms_norm": ((x, r, w), lambda *t: fasttx.add_rms_norm(t[0], t[1], 5, t[2]),
+                         lambda *t: add_rms_norm_ref(t[0], t[1], (5,), t[2])),
         "bias_gelu": ((x, b), lambda *t: fasttx.bias_gelu(*t), lambda *t: bias_gelu_ref(*t)),
         "bias_gelu_tanh": ((x, b), lambda *t: fasttx.bias_gelu(*t, "tanh"), lambda *t: bias_gelu_ref(*t, "tanh")),
         "softmax_causal": ((scores,), lambda s: fasttx.softmax(s, 0.7, is_causal=True),
@@ -161,7 +163,7 @@ def test_op_under_torch_func_and_forward_ad_matches_torch(op):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "rms_norm", "bias_gelu", "gelu_ffn"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "bias_gelu", "gelu_ffn"])
 def test_op_gradient_penalty_in_low_precision_has_its_term(op, dtype):
     """The kernels' own dtypes on the default path: the penalty's term is there (within rounding of the
     float64 truth), never missing."""

@@ -34,6 +34,8 @@ def _cases():
                            lambda: sum(ops.norm_forward(x, r, w, b, 1e-5, False, "cpu")[:2])),
         "rms_norm": ((x, w), lambda: fasttx.rms_norm(x, 33, w, 1e-6),
                      lambda: ops.norm_forward(x, None, w, None, 1e-6, True, "cpu")[0]),
+        "add_rms_norm": ((x, r, w), lambda: sum(fasttx.add_rms_norm(x, r, 33, w, 1e-6)),
+                         lambda: sum(ops.norm_forward(x, r, w, None, 1e-6, True, "cpu")[:2])),
         "gelu_ffn": ((x, w1, b1, w2, b2), lambda: fasttx.gelu_ffn(x, w1, b1, w2, b2, "relu"),
                      lambda: ops.gelu_ffn_forward(x, w1, b1, w2, b2, "relu", "cpu")[0]),
         "attention": ((q, k, v), lambda: fasttx.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
@@ -46,8 +48,8 @@ def _cases():
     }
 
 
-@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "add_layer_norm", "rms_norm", "gelu_ffn", "attention",
-                                "softmax", "glu", "glu_ffn"])
+@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "gelu_ffn",
+                                "attention", "softmax", "glu", "glu_ffn"])
 def test_eager_path_equals_the_custom_op_bitwise(op):
     skip_unless_runnable("cpu", "cpu")
     leaves, eager_call, op_call = _cases()[op]

@@ -60,12 +60,32 @@ def test_layer_norm_long_rows(backend, n, dtype):
            [x, w, b], backend, f"layer_norm N={n} {dtype}")
 
 
+def _add_rms_norm(n):
+    """add_rms_norm's two outputs as one (y + s), so that one backward reaches both, and torch's."""
+    return (lambda x, r, w: sum(fasttx.add_rms_norm(x, r, (n,), w, 1e-6)),
+            lambda x, r, w: F.rms_norm(x + r, (n,), w, 1e-6) + (x + r))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("n", [8200, 16411, 20011])  # the same row tails, with a residual and no mean
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_add_rms_norm_long_rows(backend, n, dtype):
+    skip_unless_runnable("cuda", backend)
+    torch.manual_seed(n)
+    x, r = (torch.randn(4, n, device="cuda", dtype=dtype) for _ in range(2))
+    w = torch.randn(n, device="cuda", dtype=dtype)
+    _check(*_add_rms_norm(n), [x, r, w], backend, f"add_rms_norm N={n} {dtype}")
+
+
 def _float64_cases():
     d = "cuda"
     yield "bias_gelu", lambda x, b: fasttx.bias_gelu(x, b), lambda x, b: bias_gelu_ref(x, b), \
         lambda: [torch.randn(7, 129, device=d, dtype=torch.float64), torch.randn(129, device=d, dtype=torch.float64)]
     yield "layer_norm", lambda x, w: fasttx.layer_norm(x, (77,), w), lambda x, w: F.layer_norm(x, (77,), w), \
         lambda: [torch.randn(5, 77, device=d, dtype=torch.float64), torch.randn(77, device=d, dtype=torch.float64)]
+    yield "add_rms_norm", *_add_rms_norm(77), \
+        lambda: [torch.randn(5, 77, device=d, dtype=torch.float64) for _ in range(2)] + \
+        [torch.randn(77, device=d, dtype=torch.float64)]
     yield "softmax", lambda x: fasttx.softmax(x, scale=0.5), lambda x: softmax_ref(x, 0.5), \
         lambda: [torch.randn(2, 3, 9, 300, device=d, dtype=torch.float64)]
     yield "attention", lambda q, k, v: fasttx.scaled_dot_product_attention(q, k, v, is_causal=True), \
@@ -100,6 +120,8 @@ def test_misaligned_base_pointers(backend, dtype):
     _check(lambda x, b: fasttx.bias_gelu(x, b), bias_gelu_ref, [x, b], backend, f"bias_gelu misaligned {dtype}")
     _check(lambda x, b: fasttx.layer_norm(x, (1000,), None, b), lambda x, b: F.layer_norm(x, (1000,), None, b),
            [x, b], backend, f"layer_norm misaligned {dtype}")
+    r, w = _misaligned((6, 1000), dtype), _misaligned((1000,), dtype)
+    _check(*_add_rms_norm(1000), [x, r, w], backend, f"add_rms_norm misaligned {dtype}")
     s = _misaligned((2, 3, 7, 999), dtype)
     _check(lambda s: fasttx.softmax(s), lambda s: softmax_ref(s), [s], backend, f"softmax misaligned {dtype}")
     q, k, v = (_misaligned((2, 3, 40, 64), dtype) for _ in range(3))

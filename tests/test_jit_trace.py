@@ -27,6 +27,8 @@ def _op_cases():
         "add_layer_norm": (lambda x, r, w, b: fasttx.add_layer_norm(x, r, 33, w, b), f((6, 33), (6, 33), (33,), (33,)),
                            "norm_forward"),
         "rms_norm": (lambda x, w: fasttx.rms_norm(x, 33, w), f((6, 33), (33,)), "norm_forward"),
+        "add_rms_norm": (lambda x, r, w: fasttx.add_rms_norm(x, r, 33, w), f((2, 3, 33), (2, 3, 33), (33,)),
+                         "norm_forward"),
         "bias_gelu": (lambda x, b: fasttx.bias_gelu(x, b, "tanh"), f((4, 5, 33), (33,)), "bias_gelu"),
         "softmax": (lambda s: fasttx.softmax(s, 0.5, keep), f((2, 3, 9, 11)), "softmax_forward"),
         "cross_entropy": (lambda x: fasttx.cross_entropy(x, target), f((5, 7)), "cross_entropy_forward"),

@@ -1,4 +1,4 @@
-"""layer_norm, add_layer_norm and rms_norm against PyTorch, in every backend, plus the nn modules."""
+"""layer_norm, add_layer_norm, rms_norm and add_rms_norm against PyTorch, in every backend, plus the nn modules."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ def device_backend_params():
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HIDDEN = [1, 7, 768, 1000, 1537, 4096, 8192]
-OPS = ["layer_norm", "add_layer_norm", "rms_norm"]
+OPS = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"]
 
 
 _fasttx = lambda op, affine=True: fasttx_fn(op)
@@ -26,9 +26,9 @@ _torch, _run = torch_fn, run
 
 def check_against_reference(device, backend, op, x, affine=True, residual_needed=None):
     dtype, n = x.dtype, x.shape[-1]
-    r = torch.randn_like(x) if op == "add_layer_norm" else None
+    r = torch.randn_like(x) if op.startswith("add_") else None
     w = 1 + 0.5 * torch.randn(n, device=device, dtype=dtype) if affine else None
-    b = 0.5 * torch.randn(n, device=device, dtype=dtype) if affine and op != "rms_norm" else None
+    b = 0.5 * torch.randn(n, device=device, dtype=dtype) if affine and "rms" not in op else None
     grads = [torch.randn(x.shape, device=device, dtype=dtype) for _ in range(2)]
     with fasttx.use_backend(backend):
         outs, in_grads = _run(_fasttx(op, affine), [x, r, w, b], grads)
@@ -103,6 +103,8 @@ def test_bias_without_weight(device, backend, op, rows, compiled):
 def test_rms_norm_default_eps_is_the_dtype_epsilon(dtype):
     x = torch.randn(4, 1, dtype=dtype)  # N = 1: the eps term dominates mean(x^2) for small x
     torch.testing.assert_close(fasttx.rms_norm(x * 1e-2, 1), F.rms_norm(x * 1e-2, (1,)))
+    r = torch.randn(4, 1, dtype=dtype) * 1e-2
+    torch.testing.assert_close(fasttx.add_rms_norm(x * 1e-2, r, 1), fasttx.ops.add_rms_norm_ref(x * 1e-2, r, (1,)))
 
 
 def test_normalized_shape_spanning_several_dims():
@@ -113,6 +115,8 @@ def test_normalized_shape_spanning_several_dims():
     y = fasttx.layer_norm(x, (6, 10), w, b)
     torch.testing.assert_close(y, F.layer_norm(x, (6, 10), w, b))
     torch.testing.assert_close(fasttx.rms_norm(x, [6, 10], w), F.rms_norm(x, [6, 10], w))
+    r = torch.randn(4, 6, 10)
+    torch.testing.assert_close(fasttx.add_rms_norm(x, r, [6, 10], w), fasttx.ops.add_rms_norm_ref(x, r, (6, 10), w))
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -153,6 +157,8 @@ def _with_out_dtype(op, out_dtype):
             return (fasttx.layer_norm(x, x.shape[-1:], w, b, **kw),)
         if op == "add_layer_norm":
             return fasttx.add_layer_norm(x, r, x.shape[-1:], w, b, **kw)
+        if op == "add_rms_norm":
+            return fasttx.add_rms_norm(x, r, x.shape[-1:], w, RMS_EPS, **kw)
         return (fasttx.rms_norm(x, x.shape[-1:], w, RMS_EPS, **kw),)
     fused = lambda *a: call(*a, out_dtype=out_dtype)
     cast = lambda *a: (lambda outs: (outs[0].to(out_dtype),) + tuple(outs[1:]))(call(*a))
@@ -189,6 +195,8 @@ def test_out_dtype_must_be_a_floating_dtype():
         fasttx.layer_norm(torch.randn(4, 8), 8, out_dtype=torch.int32)
     with pytest.raises(TypeError, match="out_dtype must be None or a floating torch.dtype, got 'bf16'"):
         fasttx.add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), 8, out_dtype="bf16")
+    with pytest.raises(TypeError, match="add_rms_norm: out_dtype must be None or a floating torch.dtype, got 'bf16'"):
+        fasttx.add_rms_norm(torch.randn(4, 8), torch.randn(4, 8), 8, out_dtype="bf16")
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -200,7 +208,7 @@ def test_gradcheck_float64_cpu(op):
     inputs = [t.requires_grad_() for t in (x, r, w, b)]
     fn = _fasttx(op, True)
     with fasttx.use_backend("cpu"):
-        assert torch.autograd.gradcheck(lambda x, r, w, b: fn(x, r, w, b if op != "rms_norm" else None), inputs)
+        assert torch.autograd.gradcheck(lambda x, r, w, b: fn(x, r, w, b if "rms" not in op else None), inputs)
 
 
 def test_indices_past_2_31_cpu():
@@ -262,9 +270,10 @@ def test_weight_of_wrong_shape_names_it():
         fasttx.rms_norm(torch.randn(4, 8), 8, torch.randn(7))
 
 
-def test_residual_of_wrong_shape_names_it():
+@pytest.mark.parametrize("op", [fasttx.add_layer_norm, fasttx.add_rms_norm], ids=lambda f: f.__name__)
+def test_residual_of_wrong_shape_names_it(op):
     with pytest.raises(ValueError, match=r"residual must have the shape of x \(4, 8\), got \(1, 8\)"):
-        fasttx.add_layer_norm(torch.randn(4, 8), torch.randn(1, 8), 8)
+        op(torch.randn(4, 8), torch.randn(1, 8), 8)
 
 
 def test_integer_input_is_rejected():
@@ -280,11 +289,14 @@ def test_mismatched_weight_device_is_rejected():
 # ---- torch.library and torch.compile ------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_forced_gpu_backend_on_cpu_tensors_raises_and_says_why(backend):
+@pytest.mark.parametrize("op", OPS)
+def test_forced_gpu_backend_on_cpu_tensors_raises_and_says_why(backend, op):
     if backends.triton_interpreting():
         pytest.skip("under the interpreter triton takes CPU tensors")
-    with fasttx.use_backend(backend), pytest.raises(fasttx.BackendUnavailableError, match=f"backend '{backend}' was forced"):
-        fasttx.layer_norm(torch.randn(2, 8), 8)
+    x = torch.randn(2, 8)
+    with fasttx.use_backend(backend), \
+            pytest.raises(fasttx.BackendUnavailableError, match=f"fasttx.{op}: backend '{backend}' was forced"):
+        _fasttx(op)(x, torch.randn_like(x), None, None)
 
 
 def test_opcheck():
@@ -293,13 +305,18 @@ def test_opcheck():
     w = torch.randn(33, requires_grad=True)
     b = torch.randn(33, requires_grad=True)
     for args in [(x, None, w, b, 1e-5, False), (x, r, w, b, 1e-5, False), (x, None, w, None, 1e-6, True),
-                 (x, None, None, None, 1e-5, False)]:
+                 (x, r, w, None, 1e-6, True), (x, None, None, None, 1e-5, False)]:
         torch.library.opcheck(torch.ops.fasttx.norm_forward.default, args + ("auto",))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("add_norm", ["add_layer_norm", "add_rms_norm"])
+def test_torch_compile_fullgraph_matches_eager(add_norm):
     def block(x, r, w, b):
-        y, s = fasttx.add_layer_norm(x, r, 64, w, b)
+        if add_norm == "add_layer_norm":
+            y, s = fasttx.add_layer_norm(x, r, 64, w, b)
+        else:
+            y, s = fasttx.add_rms_norm(x, r, 64, w)
+            y = y + b
         return (fasttx.rms_norm(y, 64, w) + s).sum(-1)
 
     torch._dynamo.reset()

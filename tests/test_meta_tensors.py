@@ -24,6 +24,7 @@ def _calls(device):
         "layer_norm_bf16_input": (lambda: fasttx.layer_norm(x.bfloat16(), 8, w, w), (2, 3, 8), torch.bfloat16),
         "add_layer_norm": (lambda: fasttx.add_layer_norm(x, x, 8, w, w)[0], (2, 3, 8), torch.float32),
         "rms_norm": (lambda: fasttx.rms_norm(x, 8, w), (2, 3, 8), torch.float32),
+        "add_rms_norm": (lambda: sum(fasttx.add_rms_norm(x, x * 2, 8, w)), (2, 3, 8), torch.float32),
         "bias_gelu": (lambda: fasttx.bias_gelu(x, w), (2, 3, 8), torch.float32),
         "softmax": (lambda: fasttx.softmax(q, is_causal=True), (1, 2, 4, 8), torch.float32),
         "gelu_ffn": (lambda: fasttx.gelu_ffn(x, w1, None, w2, None), (2, 3, 8), torch.float32),

@@ -220,10 +220,10 @@ def test_cross_entropy(dtype, value, where, reduction, vocab):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("value", VALUES)
 @pytest.mark.parametrize("where", ["x", "residual", "weight", "bias", "grad_out"])
-@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "rms_norm"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"])
 @pytest.mark.parametrize("n", [24, 1000], ids=str)
 def test_norms(dtype, value, where, op, n):
-    if where == "residual" and op != "add_layer_norm" or where == "bias" and op == "rms_norm":
+    if where == "residual" and not op.startswith("add_") or where == "bias" and "rms" in op:
         pytest.skip(f"{op} has no {where}")
     tensors = {"x": _randn(5, n, dtype=dtype), "residual": _randn(5, n, dtype=dtype, seed=1),
                "weight": _randn(n, dtype=dtype, seed=2), "bias": _randn(n, dtype=dtype, seed=3)}
@@ -241,6 +241,10 @@ def test_norms(dtype, value, where, op, n):
         ours = lambda x, r, w, b: fasttx.add_layer_norm(x, r, (n,), w, b)
         theirs = lambda x, r, w, b: fasttx.ops.add_layer_norm_ref(x, r, (n,), w, b)
         inputs = (x, r, w, b)
+    elif op == "add_rms_norm":
+        ours = lambda x, r, w: fasttx.add_rms_norm(x, r, (n,), w)
+        theirs = lambda x, r, w: fasttx.ops.add_rms_norm_ref(x, r, (n,), w)
+        inputs = (x, r, w)
     else:
         ours, theirs = (lambda x, w: fn(x, (n,), w) for fn in (fasttx.rms_norm, F.rms_norm))
         inputs = (x, w)

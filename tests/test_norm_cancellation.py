@@ -18,14 +18,14 @@ from norm_cases import fasttx_fn, run, torch_fn
 from tolerance import assert_within_torch_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-OPS = ["layer_norm", "add_layer_norm", "rms_norm"]
+OPS = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"]
 AFFINE = ["weight_bias", "weight", "bias", "none"]
 
 
 def _params(op, affine, n, dtype, device):
     w = (1 + 0.5 * torch.randn(n, device=device)).to(dtype) if affine in ("weight_bias", "weight") else None
     b = (0.5 * torch.randn(n, device=device)).to(dtype) if affine in ("weight_bias", "bias") else None
-    return w, (None if op == "rms_norm" else b)
+    return w, (None if "rms" in op else b)
 
 
 def _check(device, backend, op, x, r, w, b, grads):
@@ -52,11 +52,11 @@ def test_normalized_size_one(device, backend, op, affine, dtype):
     torch.manual_seed(1)
     rows = 333  # several vectors of rows, and a tail
     x = (3 * torch.randn(rows, 1, device=device)).to(dtype)
-    r = torch.randn_like(x) if op == "add_layer_norm" else None
+    r = torch.randn_like(x) if op.startswith("add_") else None
     w, b = _params(op, affine, 1, dtype, device)
     grads = [torch.randn(rows, 1, device=device).to(dtype) for _ in range(2)]
     outs, in_grads = _check(device, backend, op, x, r, w, b, grads)
-    if op != "rms_norm":  # rms_norm has no mean to cancel: y = x / sqrt(x^2 + eps)
+    if "rms" not in op:  # the RMS norms have no mean to cancel: y = x / sqrt(x^2 + eps)
         assert torch.equal(outs[0], (b if b is not None else torch.zeros_like(x[0])).expand_as(x)), \
             f"{op} {backend} {dtype}: N = 1 output is not the bias"
         # add_layer_norm's inputs get grad_s (the gradient of its output s = x + residual) and nothing else
@@ -78,7 +78,7 @@ def test_constant_rows(device, backend, op, affine, dtype, n):
     rows = 9
     x = (3 * torch.randn(rows, 1, device=device)).to(dtype).expand(rows, n).contiguous()
     r = None
-    if op == "add_layer_norm":  # x + r constant along the row, from non-constant x and r
+    if op.startswith("add_"):  # x + r constant along the row, from non-constant x and r
         r = (torch.randn(rows, 1, device=device).to(dtype) - x).to(dtype)
         x, r = x.clone(), r.expand(rows, n).contiguous()
     w, b = _params(op, affine, n, dtype, device)

@@ -93,6 +93,34 @@ def test_rms_norm_any_float_weight(device, backend, x_dtype, w_dtype, eps):
     _check(backend, lambda x, w: fasttx.rms_norm(x, 24, w, eps), lambda x, w: F.rms_norm(x, (24,), w, eps), x, w)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype,w_dtype", RMS_PAIRS, ids=str)
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_add_rms_norm_any_float_weight(device, backend, x_dtype, w_dtype, eps):
+    skip_unless_runnable(device, backend)
+    if torch.float64 in (x_dtype, w_dtype) and backend in ("triton", "cuda"):
+        pytest.skip("float64 runs on the cpu and torch backends")
+    x, w, _ = _leaves(device, x_dtype, w_dtype, with_bias=False)
+    r = _leaves(device, x_dtype, w_dtype, seed=5)[0]
+    with fasttx.use_backend(backend):
+        y, s = fasttx.add_rms_norm(x, r, 24, w, eps)
+    assert y.dtype == s.dtype == x_dtype
+    torch.testing.assert_close(s, x + r)
+    # the normed output and every gradient against torch's rms_norm(x + r)
+    _check(backend, lambda x, r, w: fasttx.add_rms_norm(x, r, 24, w, eps)[0],
+           lambda x, r, w: F.rms_norm(x + r, (24,), w, eps), x, r, w)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", RMS_PAIRS, ids=str)
+def test_add_rms_norm_default_eps_is_the_inputs_not_the_weights(x_dtype, w_dtype):
+    """eps=None is the epsilon of x + residual's statistics dtype, as for torch's rms_norm(x + r, w): a float64
+    weight must not make it float64's (N = 1 and small x, where eps dominates mean(x^2))."""
+    g = torch.Generator().manual_seed(0)
+    x, r = ((1e-3 * torch.randn(4, 1, generator=g)).to(x_dtype) for _ in range(2))
+    w = torch.ones(1, dtype=w_dtype)
+    torch.testing.assert_close(fasttx.add_rms_norm(x, r, 1, w), fasttx.ops.add_rms_norm_ref(x, r, (1,), w))
+
+
 @pytest.mark.parametrize("x_dtype,p_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                              (torch.bfloat16, torch.float16), (torch.float64, torch.float32),
                                              (torch.bfloat16, torch.float64)], ids=str)

@@ -29,6 +29,11 @@ def _add_layer_norm(**kw):
     return lambda: fasttx.add_layer_norm(**args)
 
 
+def _add_rms_norm(**kw):
+    args = dict(x=X, residual=X, normalized_shape=8, weight=W, eps=None) | kw
+    return lambda: fasttx.add_rms_norm(**args)
+
+
 def _rms_norm(**kw):
     args = dict(x=X, normalized_shape=8, weight=W, eps=None) | kw
     return lambda: fasttx.rms_norm(**args)
@@ -61,27 +66,33 @@ def _sdpa(**kw):
 
 
 NAN, INF = math.nan, math.inf
+_NORMS = (_layer_norm, _add_layer_norm, _rms_norm, _add_rms_norm)
 
 # (call, the argument it gets wrong, the error expected)
 CASES = [
     # the norms: normalized_shape, eps, the tensors, out_dtype
-    *[(op(normalized_shape=v), "normalized_shape", TypeError) for op in (_layer_norm, _add_layer_norm, _rms_norm)
+    *[(op(normalized_shape=v), "normalized_shape", TypeError) for op in _NORMS
       for v in (64.0, "8", [8.0], None, True, torch.tensor(8))],
-    *[(op(normalized_shape=v), "normalized_shape", ValueError) for op in (_layer_norm, _add_layer_norm, _rms_norm)
+    *[(op(normalized_shape=v), "normalized_shape", ValueError) for op in _NORMS
       for v in (-8, (4,), (3, 4, 8, 8), ())],
     *[(op(eps=v), "eps", TypeError) for op in (_layer_norm, _add_layer_norm) for v in (None, "1e-5", True, [1e-5])],
-    *[(op(eps=v), "eps", ValueError) for op in (_layer_norm, _add_layer_norm, _rms_norm) for v in (-1e-5, NAN, INF)],
-    *[(_rms_norm(eps=v), "eps", TypeError) for v in ("1e-5", True)],
-    *[(op(x=v), "x", TypeError) for op in (_layer_norm, _add_layer_norm, _rms_norm, _bias_gelu, _softmax, _gelu_ffn)
+    *[(op(eps=v), "eps", ValueError) for op in _NORMS for v in (-1e-5, NAN, INF)],
+    *[(op(eps=v), "eps", TypeError) for op in (_rms_norm, _add_rms_norm) for v in ("1e-5", True, [1e-5])],
+    *[(op(x=v), "x", TypeError) for op in (*_NORMS, _bias_gelu, _softmax, _gelu_ffn)
       for v in ([[1.0] * 8], torch.ones(2, 8, dtype=torch.long))],
-    *[(op(weight=v), "weight", TypeError) for op in (_layer_norm, _add_layer_norm, _rms_norm) for v in ([1.0] * 8,)],
-    *[(op(weight=torch.randn(7)), "weight", ValueError) for op in (_layer_norm, _add_layer_norm, _rms_norm)],
+    *[(op(weight=v), "weight", TypeError) for op in _NORMS for v in ([1.0] * 8,)],
+    *[(op(weight=torch.randn(7)), "weight", ValueError) for op in _NORMS],
     *[(op(bias=v), "bias", TypeError) for op in (_layer_norm, _add_layer_norm) for v in ([1.0] * 8, 1.0)],
     *[(op(bias=torch.randn(3)), "bias", ValueError) for op in (_layer_norm, _add_layer_norm)],
-    (_add_layer_norm(residual=[1.0]), "residual", TypeError),
-    (_add_layer_norm(residual=torch.randn(2, 8)), "residual", ValueError),
+    *[(op(residual=[1.0]), "residual", TypeError) for op in (_add_layer_norm, _add_rms_norm)],
+    *[(op(residual=torch.randn(2, 8)), "residual", ValueError) for op in (_add_layer_norm, _add_rms_norm)],
+    *[(op(residual=X.to(dtype)), "residual", TypeError) for op in (_add_layer_norm, _add_rms_norm)
+      for dtype in (torch.bfloat16, torch.float64)],
+    *[(op(residual=X.to("meta")), "residual", ValueError) for op in (_add_layer_norm, _add_rms_norm)],
     *[(lambda op=op: op(X, 8, out_dtype=torch.int32), "out_dtype", TypeError)
       for op in (fasttx.layer_norm, fasttx.rms_norm)],
+    *[(op(out_dtype=v), "out_dtype", TypeError) for op in (_add_layer_norm, _add_rms_norm)
+      for v in (torch.int32, "float16")],
     (lambda: fasttx.layer_norm(X, 8, out_dtype="float16"), "out_dtype", TypeError),
     # bias_gelu
     *[(_bias_gelu(approximate=v), "approximate", ValueError) for v in ("fast", None, "")],
@@ -142,6 +153,8 @@ def test_good_scalars_still_pass(eps):
     # ints where torch takes floats, eps = 0, a torch.Size and a list for normalized_shape
     torch.testing.assert_close(fasttx.layer_norm(X, torch.Size([8]), W, B, eps), F.layer_norm(X, (8,), W, B, eps))
     torch.testing.assert_close(fasttx.rms_norm(X, [3, 8], None, eps), F.rms_norm(X, [3, 8], None, eps))
+    torch.testing.assert_close(fasttx.add_rms_norm(X, X, [3, 8], None, eps),
+                               fasttx.ops.add_rms_norm_ref(X, X, (3, 8), None, eps))
     torch.testing.assert_close(fasttx.softmax(X, scale=2), torch.softmax(2 * X, -1))
     torch.testing.assert_close(fasttx.cross_entropy(LOGITS, TARGET, ignore_index=1),
                                F.cross_entropy(LOGITS, TARGET, ignore_index=1))

@@ -18,18 +18,19 @@ from fasttx.kernels import attention, bias_gelu, gelu_ffn, layer_norm, softmax  
 
 DTYPES = ("fp32", "fp16", "bf16")
 
-# The norm kernels' flags, as the ops set them: layer_norm, add_layer_norm, rms_norm (weight only), no affine.
-# The first variant, every flag on, is the register-heaviest.
+# The norm kernels' flags, as the ops set them: layer_norm, add_layer_norm, rms_norm (weight only), no affine,
+# add_rms_norm (weight only). The first variant, every flag on, is the register-heaviest.
 _NORM_FWD_VARIANTS = [dict(RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True),
                       dict(RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=True),
                       dict(RMS=True, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=False),
-                      dict(RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=False, HAS_BIAS=False)]
+                      dict(RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=False, HAS_BIAS=False),
+                      dict(RMS=True, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=False)]
 _NORM_BWD_VARIANTS = [{("HAS_GRAD_S" if k == "HAS_RESIDUAL" else k): v for k, v in variant.items()}
                       for variant in _NORM_FWD_VARIANTS]
 
 
 def _norm_cases_kept(variant_index, dtype, arch, aligned):
-    """The norm kernels' 4 variants x 10 configs in every dtype, arch and alignment would be 480 cases,
+    """The norm kernels' 5 variants x 10 configs in every dtype, arch and alignment would be 600 cases,
     so: the first variant aligned (vectorized, the widest code) in fp32 and bf16 on both archs and
     in fp16 (whose code is bf16's) on sm_90, unaligned (scalar loads, more address registers) in
     bf16 on sm_80; the later variants, which only drop code from the first, aligned, in bf16 on sm_90

@@ -59,6 +59,8 @@ def test_norms(device, backend, dtype, shape):
     _compare(backend, lambda x, r, w, b: fasttx.add_layer_norm(x, r, n, w, b),
              lambda x, r, w, b: (F.layer_norm(x + r, (n,), w, b), x + r), x, x.clone(), w, b)
     _compare(backend, lambda x, w: fasttx.rms_norm(x, n, w), lambda x, w: F.rms_norm(x, (n,), w), x, w)
+    _compare(backend, lambda x, r, w: fasttx.add_rms_norm(x, r, n, w),
+             lambda x, r, w: (F.rms_norm(x + r, (n,), w), x + r), x, x.clone(), w)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

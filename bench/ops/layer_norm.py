@@ -1,16 +1,19 @@
-"""layer_norm, add_layer_norm and rms_norm over rows of (M, N): one kernel family, three specs.
+"""layer_norm, add_layer_norm, rms_norm and add_rms_norm over rows of (M, N): one kernel family, four specs.
 
 Memory-bound. Minimal traffic of an ideal fused kernel, weight and bias (N
 elements) left out:
 
     layer_norm, rms_norm  fwd      read x, write y                               = 2 * M*N * elem
                           fwd+bwd  + read grad_y and x, write grad_x             = 5 * M*N * elem
-    add_layer_norm        fwd      read x and r, write s = x + r and y           = 4 * M*N * elem
-                          fwd+bwd  + read grad_y and s, write grad_x (= grad_r)  = 7 * M*N * elem
+    add_layer_norm,       fwd      read x and r, write s = x + r and y           = 4 * M*N * elem
+    add_rms_norm          fwd+bwd  + read grad_y and s, write grad_x (= grad_r)  = 7 * M*N * elem
 
-add_layer_norm is timed as a block uses its y: the backward starts from grad_y
-only (the harness takes one output), in fasttx and eager alike. Eager is
-`x + r` then F.layer_norm, which writes s and reads it back.
+add_layer_norm and add_rms_norm are timed as a block uses their y: the backward
+starts from grad_y only (the harness takes one output), in fasttx and eager
+alike. Eager is `x + r` then F.layer_norm / F.rms_norm, which writes s and reads
+it back. add_rms_norm runs one shape (4096 tokens of LLaMA-7B's width) in its
+full and quick sweeps: its kernel is add_layer_norm's with RMS on, and all three
+shapes would add rms_norm's two minutes to `make bench` for little news.
 """
 from __future__ import annotations
 
@@ -24,11 +27,11 @@ FULL_SHAPES = ((4096, 768), (4096, 4096), (16384, 1024))
 SMOKE_SHAPES = ((64, 128),)
 
 
-def sweep(level: str) -> list:
+def sweep(level: str, shapes=FULL_SHAPES) -> list:
     if level == "smoke":
         return [{"shape": SMOKE_SHAPES[0], "dtype": "float32"}]
     dtypes = ("float32", "bfloat16") if level == "full" else ("float32",)
-    return [{"shape": s, "dtype": d} for d in dtypes for s in FULL_SHAPES]
+    return [{"shape": s, "dtype": d} for d in dtypes for s in shapes]
 
 
 def _elem(case):
@@ -47,12 +50,12 @@ def _inputs(n_rows_like: int, with_bias: bool):
     return make
 
 
-def _spec(name, rows_in, with_bias, eager, fused, fwd_elems, total_elems, formula):
+def _spec(name, rows_in, with_bias, eager, fused, fwd_elems, total_elems, formula, shapes=FULL_SHAPES):
     n_inputs = rows_in + 1 + int(with_bias)
     return OpSpec(
         name=name,
         params=("shape", "dtype"),
-        sweep=sweep,
+        sweep=lambda level: sweep(level, shapes),
         make_inputs=_inputs(rows_in, with_bias),
         eager=lambda case: eager,
         fasttx=lambda case: fused,
@@ -85,3 +88,10 @@ RMS_NORM = _spec(
     lambda x, w: F.rms_norm(x, _n(x), w),
     lambda x, w: fasttx.rms_norm(x, _n(x), w),
     2, 5, "minimal bytes: fwd = 2*M*N*elem (read x, write y); fwd+bwd = 5*M*N*elem")
+ADD_RMS_NORM = _spec(
+    "add_rms_norm", 2, False,
+    lambda x, r, w: F.rms_norm(x + r, _n(x), w),
+    lambda x, r, w: fasttx.add_rms_norm(x, r, _n(x), w)[0],
+    4, 7, "minimal bytes: fwd = 4*M*N*elem (read x, r; write s, y); fwd+bwd = 7*M*N*elem "
+          "(+ read grad_y, s; write grad_x); backward from grad_y only",
+    shapes=((4096, 4096),))

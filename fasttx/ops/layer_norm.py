@@ -44,6 +44,11 @@ def rms_norm_ref(x, normalized_shape, weight=None, eps=None):
     return F.rms_norm(x, normalized_shape, weight, eps)
 
 
+def add_rms_norm_ref(x, residual, normalized_shape, weight=None, eps=None):
+    s = x + residual
+    return F.rms_norm(s, normalized_shape, weight, eps), s
+
+
 # ---- the torch backend: the kernels' contract, written in PyTorch ------------------
 # Rows of a 2-D (M, N) input; statistics in fp32 (fp64 for double), as the kernels do.
 
@@ -134,7 +139,7 @@ IMPLEMENTATIONS = (
 
 
 def _op_name(residual, rms):
-    return "rms_norm" if rms else ("add_layer_norm" if residual is not None else "layer_norm")
+    return ("add_" if residual is not None else "") + ("rms_norm" if rms else "layer_norm")
 
 
 # ---- forward and backward on (M, N) rows: the bodies of the custom ops --------------
@@ -374,7 +379,12 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, wei
     if sum_dtype is not None:  # the sum in x's dtype, as x + residual gives it to torch's layer_norm
         y, s = add_layer_norm(x, residual, normalized_shape, weight, bias, eps, out_dtype=out_dtype)
         return y, s.to(sum_dtype)
-    fast = _eager_cpu(x, residual, normalized_shape, weight, bias, eps, False, out_dtype)
+    return _add_norm(op, x, residual, normalized_shape, weight, bias, eps, False, out_dtype)
+
+
+def _add_norm(op, x, residual, normalized_shape, weight, bias, eps, rms, out_dtype) -> tuple[Tensor, Tensor]:
+    """add_layer_norm's and add_rms_norm's common part, once their scalars and mixed dtypes are settled."""
+    fast = _eager_cpu(x, residual, normalized_shape, weight, bias, eps, rms, out_dtype)
     if fast is not None:
         return fast
     check_tensor(op, "residual", residual)
@@ -384,9 +394,27 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, wei
     x2d, w, b = _check_and_flatten(op, x, normalized_shape, weight, bias)
     check_same(op, "residual", residual, "x", x)
     if residual.shape != x.shape:
-        raise ValueError(f"fasttx.{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
-    y, s, _, _ = _norm(x2d, residual.reshape(x2d.shape).contiguous(), w, b, float(eps), False)
+        raise ValueError(f"fasttx.{op}: residual must have the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    y, s, _, _ = _norm(x2d, residual.reshape(x2d.shape).contiguous(), w, b, float(eps), rms)
     return _in_dtype(y.view(x.shape), out_dtype), s.view(x.shape)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,
+                 eps: Optional[float] = None, *, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` in one pass over memory: a pre-norm block's residual add
+    and the next norm (LLaMA's decoder layer). ``eps`` as for rms_norm, dtypes and autocast as for
+    add_layer_norm."""
+    op = "add_rms_norm"
+    normalized_shape = _check_scalars(op, normalized_shape, eps, out_dtype, eps_none_ok=True)
+    if isinstance(x, Tensor) and isinstance(residual, Tensor) and x.is_floating_point() and eps is None:
+        # the sum's dtype's epsilon (torch's, for x + residual), not the wider one _mixed_params may pick
+        eps = torch.finfo(_acc_dtype(torch.promote_types(x.dtype, residual.dtype))).eps
+    x, residual, (weight,), out_dtype, sum_dtype = _mixed_params(op, x, residual, (weight,), out_dtype, True)
+    if sum_dtype is not None:  # the sum in x's dtype, as x + residual gives it to torch's rms_norm
+        y, s = add_rms_norm(x, residual, normalized_shape, weight, eps, out_dtype=out_dtype)
+        return y, s.to(sum_dtype)
+    return _add_norm(op, x, residual, normalized_shape, weight, None, eps, True, out_dtype)
 
 
 def rms_norm(x: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor] = None,

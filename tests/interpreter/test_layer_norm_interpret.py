@@ -1,4 +1,5 @@
-"""fasttx.layer_norm / add_layer_norm / rms_norm on the triton backend, run by the Triton interpreter on CPU.
+"""fasttx.layer_norm / add_layer_norm / rms_norm / add_rms_norm on the triton backend, run by the Triton
+interpreter on CPU.
 
 Checked through the public API against float64 PyTorch with tests/tolerance.py's rule: the
 kernel may be off by at most a few times PyTorch's own error in the same dtype.
@@ -15,7 +16,7 @@ from norm_cases import RMS_EPS, fasttx_fn, run, torch_fn  # noqa: F401
 from tolerance import DEFAULT_ATOL, assert_within_torch_error
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OPS = ("layer_norm", "add_layer_norm", "rms_norm")
+OPS = ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm")
 LOOPED_N = 10000  # > kernels._MAX_TILE_N: three 4096-wide chunks, the last one partial
 # One-lane rows, odd widths, several rows per tile (N <= 1024), one row per tile, and the looped path.
 SHAPES = [lead + (n,) for lead in ((1,), (3, 5)) for n in (1, 7, 77, 1000, 1537)] + [(3, LOOPED_N)]
@@ -44,7 +45,7 @@ def _ulp(truth, dtype):
 def _xhat64(op, x, r):
     """The normalized rows in float64: the terms of grad_weight's column sums."""
     s = x.double() + r.double() if r is not None else x.double()
-    if op == "rms_norm":
+    if "rms" in op:
         return s * torch.rsqrt(s.square().mean(-1, keepdim=True) + RMS_EPS)
     return F.layer_norm(s, s.shape[-1:])
 
@@ -69,9 +70,9 @@ def _check(op, x, affine=True, seed=0):
     """The triton backend against fp64 truth, bounded by torch's own error in x's dtype."""
     g = torch.Generator().manual_seed(seed)
     dtype, n = x.dtype, x.shape[-1]
-    r = torch.randn(x.shape, generator=g).to(dtype) if op == "add_layer_norm" else None
+    r = torch.randn(x.shape, generator=g).to(dtype) if op.startswith("add_") else None
     w = (1 + 0.5 * torch.randn(n, generator=g)).to(dtype) if affine else None
-    b = (0.5 * torch.randn(n, generator=g)).to(dtype) if affine and op != "rms_norm" else None
+    b = (0.5 * torch.randn(n, generator=g)).to(dtype) if affine and "rms" not in op else None
     grads = [torch.randn(x.shape, generator=g).to(dtype) for _ in range(2)]
     inputs = [x, r, w, b]
     outs, in_grads = _triton_run(op, inputs, grads)
@@ -144,7 +145,7 @@ def test_backward_deterministic(monkeypatch, shape, op, dtype):
     g = torch.Generator().manual_seed(3)
     x, r, gy, gs = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
     w, b = (torch.randn(shape[-1], generator=g).to(dtype) for _ in range(2))
-    inputs = [x, r if op == "add_layer_norm" else None, w, b if op != "rms_norm" else None]
+    inputs = [x, r if op.startswith("add_") else None, w, b if "rms" not in op else None]
     first = _triton_run(op, inputs, [gy, gs])
     second = _triton_run(op, inputs, [gy, gs])
     for a, c in zip(first[0] + first[1], second[0] + second[1]):
@@ -172,3 +173,14 @@ def test_add_layer_norm_output_is_layer_norm_of_its_sum(dtype):
     with fasttx.use_backend("triton"):
         normed, total = fasttx.add_layer_norm(x, r, 1537, w, b)
         assert torch.equal(normed, fasttx.layer_norm(total, 1537, w, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm_output_is_rms_norm_of_its_sum(dtype):
+    # The same for the RMS pair (a LLaMA decoder layer's residual add and next norm), default eps included.
+    torch.manual_seed(0)
+    x, r = (torch.randn(3, 1537, dtype=dtype) for _ in range(2))
+    w = torch.randn(1537, dtype=dtype)
+    with fasttx.use_backend("triton"):
+        normed, total = fasttx.add_rms_norm(x, r, 1537, w)
+        assert torch.equal(normed, fasttx.rms_norm(total, 1537, w))
