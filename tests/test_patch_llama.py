@@ -106,9 +106,19 @@ def test_the_report_lists_every_norm_and_attention_and_only_what_runs(family):
     norms = [path for path, m in modules.items() if type(m).__name__ in hf_llama.RMS_NORMS]
     attentions = [path for path, m in modules.items() if type(m).__name__ in hf_llama.ATTENTIONS]
     assert len(norms) >= 5 and len(attentions) == 2
+    # the norm after each layer's middle residual add is computed inside the patched decoder layer
+    fused_norm = "pre_feedforward_layernorm" if family == "gemma2" else "post_attention_layernorm"
+    one_plus = " with (1 + weight)" if family.startswith("gemma") else ""
     for path in norms:
+        if path.endswith(fused_norm):
+            assert path not in replaced and path not in left_alone, path
+            continue
         assert replaced[path].startswith("fasttx.rms_norm"), path
         assert ("(1 + weight)" in replaced[path]) == family.startswith("gemma")
+    layers = [path for path, m in modules.items() if type(m).__name__ in hf_llama.DECODER_LAYERS]
+    assert len(layers) == 2
+    for path in layers:
+        assert replaced[path] == f"residual add + {fused_norm}: fasttx.add_rms_norm{one_plus}"
     if family == "qwen3":
         assert "model.layers.0.self_attn.q_norm" in replaced and "model.layers.1.self_attn.k_norm" in replaced
     for path in attentions:
@@ -124,7 +134,7 @@ def test_the_report_lists_every_norm_and_attention_and_only_what_runs(family):
         assert replaced[path] == f"fasttx.glu_ffn ({'gelu_tanh' if family.startswith('gemma') else 'silu'})"
     assert replaced[""].startswith("lm_head + loss: fasttx.linear_cross_entropy in training with labels")
     assert "apply_rotary" in left_alone["model.rotary_emb"] and set(left_alone) == {"model.rotary_emb"}
-    assert report.fused == []
+    assert report.fused == [(f"{path}.{fused_norm}", path) for path in layers]
     ids, mask, labels = _batch(padding=True)
     assert_report_tells_what_runs(patched, report, lambda: patched(input_ids=ids, attention_mask=mask, labels=labels))
 
@@ -211,6 +221,56 @@ def test_hooks_on_the_fused_submodules_fire_as_unpatched():
     got = _run(patched, ids, mask, labels)
     assert seen == ["gate_proj", "lm_head"] and got[0] is not None
     _assert_same_run(got, _run(plain, ids, mask, labels), mask)
+
+
+def test_a_hook_on_the_norm_fused_into_the_decoder_layer_fires_as_unpatched():
+    """The decoder layer computes post_attention_layernorm inside add_rms_norm, without calling it; a hook on it
+    sends that layer down transformers' code, so the hook fires (and sees the sum) and the results stay."""
+    plain, patched, _ = _pair("llama")
+    seen = []
+    patched.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    ids, mask, labels = _batch(padding=True)
+    _assert_same_run(_run(patched, ids, mask, labels), _run(plain, ids, mask, labels), mask)
+    assert seen == [torch.Size([3, 11, 64])]
+
+
+def test_a_decoder_layer_with_another_forward_or_an_old_keyword_runs_transformers_code():
+    from transformers.models.llama import modeling_llama
+    plain, _, _ = _pair("llama")
+    layer = plain.model.layers[0]
+    known = modeling_llama.LlamaDecoderLayer.forward
+
+    def without_the_mlp_residual(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
+                                 use_cache=False, position_embeddings=None, **kwargs):
+        # the known submodules, read in the known order, but another computation: the probe sees it
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                          position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                          position_embeddings=position_embeddings, **kwargs)
+        hidden_states = residual + hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        return self.mlp(hidden_states)
+
+    with mock.patch.object(modeling_llama.LlamaDecoderLayer, "forward", without_the_mlp_residual):
+        report = fasttx.patch(copy.deepcopy(layer))
+    assert dict(report.left_alone)[""] == "its forward does not compute what the fused residual add + norm computes"
+    assert "post_attention_layernorm" in dict(report.replaced)  # the norm alone, then
+    assert known is modeling_llama.LlamaDecoderLayer.forward
+
+    # transformers' deprecated name for the cache: the call goes through transformers' own decorator
+    patched = copy.deepcopy(layer)
+    assert "past_key_values" in hf_llama._renamed_keywords(modeling_llama.LlamaDecoderLayer.forward)
+    assert dict(fasttx.patch(patched).replaced)[""].startswith("residual add + post_attention_layernorm")
+    x = torch.randn(2, 5, 64)
+    angles = torch.randn(1, 5, 8).repeat(1, 1, 2)
+    tables = (angles.cos(), angles.sin())
+    with torch.no_grad():
+        want = layer(x, position_embeddings=tables)
+        torch.testing.assert_close(patched(x, position_embeddings=tables), want, rtol=RTOL, atol=1e-5)
+        with mock.patch.object(hf_llama, "add_rms_norm", side_effect=AssertionError("fused path taken")):
+            torch.testing.assert_close(patched(x, past_key_values=None, position_embeddings=tables), want,
+                                       rtol=RTOL, atol=1e-5)
 
 
 def test_an_mlp_with_an_activation_glu_ffn_lacks_is_left_alone_and_runs_as_before():

@@ -11,8 +11,11 @@ What each patch swaps:
     Qwen3, Phi-3: the result in the promoted dtype of input and weight, as
     ``weight * hidden.to(input_dtype)`` gives it) and ``normalized * (1 +
     weight)`` (Gemma, Gemma 2: computed in float32, returned in the input's
-    dtype). The residual adds stay in the decoder layer's forward, which
-    carries the cache plumbing.
+    dtype).
+  - the decoder layer (``<Family>DecoderLayer``): its middle residual add and the norm after it as one
+    fasttx.add_rms_norm (the norm is then computed inside the layer: reported as fused); the layer's last add
+    feeds the next layer across the model's loop and stays. Recognised by the submodules its forward reads
+    and the arguments it passes on to self_attn, and checked on a probe input.
   - attention (``<Family>Attention``): transformers' own forward stays
     (projections, rotary, cache, GQA); the attention function is fasttx's,
     through AttentionInterface, as for GPT-2 (hf_transformers._attention). A
@@ -44,7 +47,7 @@ from torch import Tensor
 
 from fasttx.ops.apply_rotary import apply_rotary, apply_rotary_ref
 from fasttx.ops.glu_ffn import glu_ffn
-from fasttx.ops.layer_norm import rms_norm
+from fasttx.ops.layer_norm import add_rms_norm, rms_norm
 from fasttx.patching import hf_transformers
 from fasttx.patching.spec import Options, Patch, runs_hooks
 
@@ -83,6 +86,8 @@ def recognise(module: torch.nn.Module, options: Options):
         return _mlp(module, options)
     if name in CAUSAL_LMS:
         return _causal_lm(module, options)
+    if name in DECODER_LAYERS:
+        return _decoder_layer(module, options)
     for prefix in FAMILY:
         if name.startswith(prefix) and name[len(prefix):] in PENDING:
             return PENDING[name[len(prefix):]]
@@ -321,6 +326,134 @@ def _attention(module, options: Options):
                      found.attributes)
     return Patch(_llama_attention_methods, (type(module), partial, False),
                  f"{what}; attention left as transformers': {found}")
+
+
+# ---- the decoder layer: its middle residual add fused into the norm after it -------------------
+
+# The decoder layers' forwards, by the submodules they read in order: (the module between the attention and the
+# residual add, the norm that takes the sum, the module after the MLP). Llama, Mistral, Qwen2/3 and Gemma share
+# the first; Phi-3 drops out both branches; Gemma 2 norms both branches before their adds ("sandwich" norms).
+_DECODER_FORMS = {
+    ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"): (None, "post_attention_layernorm", None),
+    ("input_layernorm", "self_attn", "resid_attn_dropout", "post_attention_layernorm", "mlp", "resid_mlp_dropout"):
+        ("resid_attn_dropout", "post_attention_layernorm", "resid_mlp_dropout"),
+    ("input_layernorm", "self_attn", "post_attention_layernorm", "pre_feedforward_layernorm", "mlp",
+     "post_feedforward_layernorm"): ("post_attention_layernorm", "pre_feedforward_layernorm",
+                                     "post_feedforward_layernorm"),
+}
+DECODER_LAYERS = frozenset(f"{name}DecoderLayer" for name in FAMILY)
+
+
+def _renamed_keywords(fn) -> frozenset:
+    """Old keyword names that transformers' deprecate_kwarg decorators around ``fn`` rename (past_key_values):
+    a call using one runs the original forward, whose decorator knows what to do with it."""
+    names = set()
+    while fn is not None:
+        try:
+            found = inspect.getclosurevars(fn).nonlocals
+        except (TypeError, ValueError):
+            found = {}
+        if isinstance(found.get("old_name"), str):
+            names.add(found["old_name"])
+        fn = getattr(fn, "__wrapped__", None)
+    return frozenset(names)
+
+
+def _decoder_layer(module, options: Options):
+    """``residual + attention`` and the norm after it as one fasttx.add_rms_norm; the other residual add stays
+    (it feeds the next layer's norm, across the model's own loop over layers)."""
+    if not options.layer_norm:
+        return "layer_norm=False"
+    forward = inspect.unwrap(type(module).forward)
+    form = _DECODER_FORMS.get(forward.__code__.co_names)
+    if form is None:
+        return (f"its forward reads {forward.__code__.co_names}, not the submodules of a LLaMA-family decoder "
+                "layer this patch knows: its residual adds stay as they are")
+    params = list(inspect.signature(forward).parameters.values())
+    named = tuple(p.name for p in params[2:] if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if (params[1].name != "hidden_states" or params[-1].kind != inspect.Parameter.VAR_KEYWORD
+            or any(p.default is inspect.Parameter.empty for p in params[2:-1])
+            or ("hidden_states", *named) not in forward.__code__.co_consts):
+        return "its forward does not pass its own arguments on to self_attn as transformers 5's decoder layers do"
+    norm_name = form[1]
+    norm = getattr(module, norm_name, None)
+    if type(norm).__name__ not in RMS_NORMS:
+        return f"its {norm_name} is not an RMSNorm of the family"
+    norm_form, eps_attribute = RMS_NORMS[type(norm).__name__]
+    found = _rms_norm(norm, options, norm_form, eps_attribute)
+    if not isinstance(found, Patch):
+        return f"its {norm_name} is left alone ({found})"
+    defaults = tuple((p.name, p.default) for p in params[2:-1])
+    args = (type(module), form, norm_form, eps_attribute, defaults, _renamed_keywords(type(module).forward))
+    why = _probe_decoder_layer(module, args)
+    if why is not None:
+        return why
+    return Patch(_decoder_layer_methods, args, f"residual add + {norm_name}: fasttx.add_rms_norm"
+                 + (" with (1 + weight)" if norm_form == _ONE_PLUS_WEIGHT else ""), fuses=(norm_name,))
+
+
+def _add_rms_norm(norm, form: str, eps_attribute: str, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """(norm(residual + x), residual + x), as the family's RMSNorm module computes the norm (see _rms_norm_methods)."""
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    eps = getattr(norm, eps_attribute)
+    if form == _ONE_PLUS_WEIGHT:
+        w = 1.0 + norm.weight.float()
+        return add_rms_norm(x, residual, w.shape, w, eps, out_dtype=sum_dtype)
+    w = norm.weight
+    return add_rms_norm(x, residual, w.shape, w, eps, out_dtype=torch.promote_types(sum_dtype, w.dtype))
+
+
+def _decoder_layer_methods(original: type, form: tuple, norm_form: str, eps_attribute: str, defaults: tuple,
+                           renamed: frozenset) -> dict:
+    before_name, norm_name, after_name = form
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        norm = getattr(self, norm_name)
+        if args or runs_hooks(norm) or not renamed.isdisjoint(kwargs):
+            return original.forward(self, hidden_states, *args, **kwargs)
+        attention_kwargs = dict(defaults)
+        attention_kwargs.update(kwargs)  # as transformers' forward passes its arguments on
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **attention_kwargs)
+        if before_name is not None:
+            hidden_states = getattr(self, before_name)(hidden_states)
+        hidden_states, residual = _add_rms_norm(norm, norm_form, eps_attribute, hidden_states, residual)
+        hidden_states = self.mlp(hidden_states)
+        if after_name is not None:
+            hidden_states = getattr(self, after_name)(hidden_states)
+        return residual + hidden_states
+    return {"forward": forward}
+
+
+def _probe_decoder_layer(module, args: tuple) -> Optional[str]:
+    """None when the patched forward gives the layer's own output on a probe input (in eval mode: no dropout),
+    else why not. A layer whose weights are on the meta device is taken on its structure."""
+    weight = getattr(getattr(module, args[1][1]), "weight")
+    head_dim = getattr(getattr(module, "self_attn", None), "head_dim", None)
+    if weight.device.type == "meta":
+        return None
+    if not isinstance(head_dim, int):
+        return "its self_attn has no head_dim to build a probe's rotary tables with"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, weight.shape[0], generator=gen).to(device=weight.device, dtype=weight.dtype)
+    angles = torch.randn(1, 5, head_dim // 2, generator=gen).repeat(1, 1, 2).to(device=weight.device)
+    tables = (angles.cos().to(weight.dtype), angles.sin().to(weight.dtype))
+    patched = _decoder_layer_methods(*args)["forward"]
+    training = module.training
+    try:
+        module.train(False)
+        with torch.no_grad():
+            want = args[0].forward(module, x, position_embeddings=tables)
+            got = patched(module, x, position_embeddings=tables)
+    except Exception as err:  # a forward that cannot take the probe is not one we know
+        return f"its forward could not be checked against the fused residual add ({type(err).__name__}: {err})"
+    finally:
+        module.train(training)
+    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 5e-2
+    if not (isinstance(want, Tensor) and isinstance(got, Tensor) and got.shape == want.shape
+            and got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)):
+        return "its forward does not compute what the fused residual add + norm computes"
+    return None
 
 
 # ---- the LM head and its loss ----------------------------------------------------------------
