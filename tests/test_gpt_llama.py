@@ -80,6 +80,20 @@ def test_fused_matches_eager_fp32_and_bf16_autocast():
             assert (p_f.grad - p_e.grad).abs().max() <= 10 * tol * scale + 1e-7, (name, enabled)
 
 
+def test_fused_path_runs_every_residual_add_inside_the_norm_after_it(monkeypatch):
+    """Each layer's two adds and the last one before ln_f go through add_rms_norm: 2 x n_layer calls, none left as
+    a plain add of the residual stream, and the result is still eager's."""
+    from fasttx.nn import normalization
+    fused, eager = _pair()
+    calls = []
+    original = normalization.add_rms_norm
+    monkeypatch.setattr(normalization, "add_rms_norm", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    idx, targets = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    loss_f, loss_e = fused(idx, targets)[1], eager(idx, targets)[1]
+    assert calls == [torch.Size([2, 9, 32])] * (2 * TINY["n_layer"])
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-10, atol=1e-10)
+
+
 def _hf_llama(model: GPT):
     """transformers' LlamaForCausalLM with model's weights."""
     transformers = pytest.importorskip("transformers")

@@ -27,7 +27,8 @@ heads shared by groups of n_head / n_kv_head query heads), a SwiGLU FFN
 (``down_proj(silu(gate_proj(h)) * up_proj(h))``, width ``d_hidden``) and an
 untied LM head. Its blocks (``LlamaBlock``) carry transformers' LlamaDecoderLayer
 names (input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
-mlp.{gate,up,down}_proj); the fused path runs fasttx.rms_norm, fasttx.linear,
+mlp.{gate,up,down}_proj); the fused path runs fasttx.add_rms_norm (every residual add inside the norm
+after it), fasttx.linear,
 fasttx.apply_rotary, fasttx.scaled_dot_product_attention (GQA without copying
 k and v), fasttx.glu_ffn and fasttx.cross_entropy; the eager path F.rms_norm,
 F.linear, the rotate-half formula, F.scaled_dot_product_attention(enable_gqa=True),
@@ -180,10 +181,10 @@ class LlamaBlock(torch.nn.Module):
         self.mlp = GLUFFN(c.d_model, c.d_hidden, "silu", bias=False, **factory)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, eager: bool, cache: Optional["KVCache"] = None,
-                layer: int = 0) -> Tensor:
+                layer: int = 0, pending: Optional[Tensor] = None):
         # The GPT calls its blocks through here, so that FSDP2 (fasttx.lm.fsdp) gathers a block's parameters
         # around it as it does around any module's forward.
-        return _llama_block(self, x, cos, sin, eager, cache, layer)
+        return _llama_block(self, x, cos, sin, eager, cache, layer, pending)
 
 
 class GPT(torch.nn.Module):
@@ -339,9 +340,13 @@ class GPT(torch.nn.Module):
                 x = block(x, cos, sin, True, cache, layer)
             return F.linear(_norm(self.ln_f, x, True), self.lm_head.weight)
         with recomputed_activations():  # norm outputs are rebuilt in backward, not kept
+            # Each residual add runs in the norm after it (add_rms_norm), the blocks' last ones in the next norm.
+            branch = None
             for layer, block in enumerate(self.blocks):
-                x = block(x, cos, sin, False, cache, layer)
-            return linear(normed_operand(self.ln_f, x), autocast_operand(self.lm_head.weight))
+                x, branch = block(x, cos, sin, False, cache, layer, branch)
+            normed = add_norm(self.ln_f, branch, x, autocast_dtype(x))[0] if branch is not None \
+                else normed_operand(self.ln_f, x)
+            return linear(normed, autocast_operand(self.lm_head.weight))
 
 
 class KVCache:
@@ -381,19 +386,26 @@ def _eager_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _llama_block(block: LlamaBlock, x: Tensor, cos: Tensor, sin: Tensor, eager: bool,
-                 cache: Optional["KVCache"] = None, layer: int = 0) -> Tensor:
+                 cache: Optional["KVCache"] = None, layer: int = 0, pending: Optional[Tensor] = None):
     """One LLaMA decoder layer over positions start..start+t-1 (start = cache.length, 0 without a cache).
 
-    eager: plain PyTorch; else fasttx's ops, norm outputs and autocast casts made where
-    recomputed_activations() rebuilds them in backward.
+    eager: plain PyTorch, returns the layer's output. Else fasttx's ops, norm outputs and autocast casts made
+    where recomputed_activations() rebuilds them in backward, and each residual add made by the norm after it:
+    the input is x + pending (pending: the previous layer's MLP branch, or None), and it returns (h, branch)
+    with the layer's output h + branch, for the next norm to add.
     """
     attn, (batch, t, d_model) = block.self_attn, x.shape
     hd = attn.head_dim
     if eager:
+        if pending is not None:
+            raise ValueError("LlamaBlock: pending is the fused path's deferred residual add; eager takes none")
         h = _norm(block.input_layernorm, x, True)
         proj = lambda w: F.linear(h, w)
     else:
-        h = normed_operand(block.input_layernorm, x)
+        if pending is None:
+            h = normed_operand(block.input_layernorm, x)
+        else:
+            h, x = add_norm(block.input_layernorm, pending, x, autocast_dtype(x))
         proj = lambda w: linear(h, autocast_operand(w))
     q = proj(attn.q_proj.weight).view(batch, t, attn.n_head, hd).transpose(1, 2)
     k = proj(attn.k_proj.weight).view(batch, t, attn.n_kv_head, hd).transpose(1, 2)
@@ -420,10 +432,9 @@ def _llama_block(block: LlamaBlock, x: Tensor, cos: Tensor, sin: Tensor, eager: 
         h = _norm(block.post_attention_layernorm, x, True)
         return x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
                             mlp.down_proj.weight)
-    x = x + linear(y, autocast_operand(attn.o_proj.weight))
-    h = normed_operand(block.post_attention_layernorm, x)
     op = autocast_operand
-    return x + glu_ffn(h, op(mlp.gate_proj.weight), op(mlp.up_proj.weight), op(mlp.down_proj.weight), "silu")
+    h, x = add_norm(block.post_attention_layernorm, linear(y, op(attn.o_proj.weight)), x, autocast_dtype(x))
+    return x, glu_ffn(h, op(mlp.gate_proj.weight), op(mlp.up_proj.weight), op(mlp.down_proj.weight), "silu")
 
 
 def _ffn(block: TransformerBlock, h: Tensor, eager: bool) -> Tensor:

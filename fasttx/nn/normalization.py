@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 
 from fasttx.nn.recompute import autocast_dtype, remember
-from fasttx.ops.layer_norm import add_layer_norm, layer_norm, rms_norm
+from fasttx.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -48,12 +48,18 @@ def normed_operand(norm: Union[LayerNorm, RMSNorm], x: torch.Tensor) -> torch.Te
 
 
 
-def add_norm(norm: LayerNorm, branch: torch.Tensor, residual: torch.Tensor,
+def add_norm(norm: Union[LayerNorm, RMSNorm], branch: torch.Tensor, residual: torch.Tensor,
              out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(branch + residual), branch + residual) in one pass (add_layer_norm), the first in out_dtype if
-    given; inside recomputed_activations() it is rebuilt in backward from the sum, which its backward keeps."""
+    """(norm(branch + residual), branch + residual) in one pass (add_layer_norm, add_rms_norm), the first in
+    out_dtype if given; inside recomputed_activations() it is rebuilt in backward from the sum, which its
+    backward keeps."""
+    # The same kernel on the saved sum rebuilds the normed output bit for bit.
+    if isinstance(norm, RMSNorm):
+        shape, weight, eps = norm.normalized_shape, norm.weight, norm.eps
+        normed, total = add_rms_norm(branch, residual, shape, weight, eps, out_dtype=out_dtype)
+        rebuild = lambda: rms_norm(total, shape, weight, eps, out_dtype=out_dtype)
+        return remember(normed, rebuild, total, weight), total
     shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
     normed, total = add_layer_norm(branch, residual, shape, weight, bias, eps, out_dtype=out_dtype)
-    # The same kernel on the saved sum rebuilds the normed output bit for bit.
     rebuild = lambda: layer_norm(total, shape, weight, bias, eps, out_dtype=out_dtype)
     return remember(normed, rebuild, total, weight, bias), total
