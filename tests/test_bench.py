@@ -101,3 +101,17 @@ def test_an_op_with_its_own_torch_provider_gets_paired_ratios_against_it(tmp_pat
         if r["provider"] == "sdpa":
             assert r["vs_sdpa"] == 1.0
     assert "vs_sdpa" in (tmp_path / "cpu" / "attention.csv").read_text()
+
+
+def test_the_longest_llm_cases_run_once_where_the_issue_measures_them():
+    """linear_cross_entropy's 8192-token cases run at 2 threads under glibc, not again at 1 thread or under
+    tcmalloc (each round is 9-20 s a provider); the smaller cases run everywhere."""
+    from bench.ops import OPS
+    spec = OPS["linear_cross_entropy"]
+    for case in spec.sweep("full") + spec.sweep("quick"):
+        assert case["tokens"] == 8192
+        assert spec.leave_out(case, 2, "glibc") is None
+        assert "2 threads only" in spec.leave_out(case, 1, "glibc")
+        assert "glibc only" in spec.leave_out(case, 2, "tcmalloc")
+    for case in spec.sweep("smoke"):
+        assert all(spec.leave_out(case, t, a) is None for t in (1, 2) for a in ("glibc", "tcmalloc"))
