@@ -164,26 +164,19 @@ def test_no_grad_forward_is_unchanged():
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_add_layer_norm_output_is_layer_norm_of_its_sum(device, backend, dtype):
-    # What TransformerBlock's recipe for add_layer_norm's output relies on.
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_add_norm_output_is_the_norm_of_its_sum(device, backend, dtype, rms):
+    # What the recipes for add_layer_norm's and add_rms_norm's outputs rely on (TransformerBlock, GPT's llama
+    # blocks), the default eps of rms included.
     skip_unless_runnable(device, backend)
     torch.manual_seed(0)
     x, r = (torch.randn(5, 1537, device=device, dtype=dtype) for _ in range(2))
     w, b = (torch.randn(1537, device=device, dtype=dtype) for _ in range(2))
     with fasttx.use_backend(backend):
-        normed, total = fasttx.add_layer_norm(x, r, 1537, w, b)
-        assert torch.equal(normed, fasttx.layer_norm(total, 1537, w, b))
-
-
-@pytest.mark.parametrize("device,backend", device_backend_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_add_rms_norm_output_is_rms_norm_of_its_sum(device, backend, dtype):
-    # The same for the RMS pair, default eps included: a recomputation of add_rms_norm's output may rely on it.
-    skip_unless_runnable(device, backend)
-    torch.manual_seed(0)
-    x, r = (torch.randn(5, 1537, device=device, dtype=dtype) for _ in range(2))
-    w = torch.randn(1537, device=device, dtype=dtype)
-    with fasttx.use_backend(backend):
-        normed, total = fasttx.add_rms_norm(x, r, 1537, w)
+        if rms:
+            normed, total = fasttx.add_rms_norm(x, r, 1537, w)
+            assert torch.equal(normed, fasttx.rms_norm(total, 1537, w))
+        else:
+            normed, total = fasttx.add_layer_norm(x, r, 1537, w, b)
+            assert torch.equal(normed, fasttx.layer_norm(total, 1537, w, b))
         assert torch.equal(total, x + r)
-        assert torch.equal(normed, fasttx.rms_norm(total, 1537, w))
