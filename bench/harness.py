@@ -264,8 +264,9 @@ def _figures(spec, case, mode, times, eager_times, roof) -> dict:
 # ---- a whole suite under the allocator of this process -----------------------------
 
 def run_suite(specs: list, cases: dict, threads_list: list, device: torch.device, settings: Settings,
-              provider_names: Optional[list] = None) -> dict:
-    """{op: [run, ...]}, one run per thread count, each {allocator, threads, roofline, rows, ...}."""
+              provider_names: Optional[list] = None, on_run: Optional[Callable[[str, dict], None]] = None) -> dict:
+    """{op: [run, ...]}, one run per thread count, each {allocator, threads, roofline, rows, ...}.
+    on_run(op, run) is called as each run ends (the suite writes what it has so far)."""
     providers, missing = providers_for(device)
     if provider_names:
         providers = [p for p in providers if p.name in provider_names]
@@ -281,8 +282,11 @@ def run_suite(specs: list, cases: dict, threads_list: list, device: torch.device
                    f"providers: {', '.join(p.name for p in providers)}")
         for spec in specs:
             mine = providers + [p for p in own_providers(spec) if not provider_names or p.name in provider_names]
-            run = _run_op(spec, cases[spec.name], mine, device, settings, alloc, threads, roof)
-            results[spec.name].append({**run, "unavailable_providers": missing})
+            run = {**_run_op(spec, cases[spec.name], mine, device, settings, alloc, threads, roof),
+                   "unavailable_providers": missing}
+            results[spec.name].append(run)
+            if on_run is not None:
+                on_run(spec.name, run)
     return results
 
 

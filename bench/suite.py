@@ -63,11 +63,24 @@ def run(ops: Optional[list] = None, level: str = "full", cases: Optional[dict] =
         elif choice not in ("both", "tcmalloc"):
             print(f"running under {choice} only; `--allocator both` compares with tcmalloc")
     merged = {op: [] for op in job["ops"]}
+
+    def keep(op: str, run: dict) -> None:
+        # Each op's files are rewritten as each of its runs ends, marked incomplete, so that a run stopped
+        # after an hour leaves what it measured; the end of the run writes them complete.
+        merged[op].append(run)
+        doc = _document(op, dev, merged[op], level, time.perf_counter() - started)
+        doc["meta"]["complete"] = False
+        report.write(doc, out_dir)
+
     for alloc in allocator.expand(choice):
-        results = run_job(job) if alloc == allocator.current() else _run_child(job, alloc)
-        for op, runs in results.items():
-            merged[op] += runs
+        if alloc == allocator.current():
+            run_job(job, on_run=keep)
+        else:
+            for op, runs in _run_child(job, alloc).items():
+                merged[op] += runs
     docs = {op: _document(op, dev, runs, level, time.perf_counter() - started) for op, runs in merged.items()}
+    for doc in docs.values():
+        doc["meta"]["complete"] = True
     for doc in docs.values():
         paths = report.write(doc, out_dir)
         if echo:
@@ -85,15 +98,15 @@ def _default_allocator(level: str) -> str:
     return allocator.default_choice() if level == "full" else allocator.current()
 
 
-def run_job(job: dict) -> dict:
-    """Run a job under this process's allocator: {op: [run, ...]}."""
+def run_job(job: dict, on_run=None) -> dict:
+    """Run a job under this process's allocator: {op: [run, ...]}; on_run as for harness.run_suite."""
     settings = harness.SETTINGS[job["level"]]
     if job.get("reps"):
         settings = dataclasses.replace(settings, min_reps=job["reps"], max_reps=job["reps"])
     specs = [OPS[op] for op in job["ops"]]
     cases = {op: [normalize_case(c) for c in cs] for op, cs in job["cases"].items()}
     return harness.run_suite(specs, cases, job["threads"], torch.device(job["device"]), settings,
-                             job.get("providers"))
+                             job.get("providers"), on_run)
 
 
 def _run_child(job: dict, alloc: str) -> dict:

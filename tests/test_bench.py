@@ -115,3 +115,21 @@ def test_the_longest_llm_cases_run_once_where_the_issue_measures_them():
         assert "glibc only" in spec.leave_out(case, 2, "tcmalloc")
     for case in spec.sweep("smoke"):
         assert all(spec.leave_out(case, t, a) is None for t in (1, 2) for a in ("glibc", "tcmalloc"))
+
+
+def test_each_op_is_written_as_its_runs_end_and_marked_complete_at_the_end(tmp_path, monkeypatch):
+    """A stopped `make bench` leaves what it measured: every op's files are rewritten after each of its runs
+    (meta.complete False), and the end of the run writes them complete."""
+    from bench import report
+    written = []
+    real_write = report.write
+    monkeypatch.setattr(report, "write", lambda doc, out: written.append(
+        (doc["op"], len(doc["runs"]), doc["meta"]["complete"])) or real_write(doc, out))
+    case = {"shape": (M, N), "dtype": "float32", "approximate": "tanh"}
+    bench.run(ops=["bias_gelu", "layer_norm"], level="smoke",
+              cases={"bias_gelu": [case], "layer_norm": [{"shape": (M, N), "dtype": "float32"}]},
+              threads=[1, 2], reps=3, out_dir=str(tmp_path), echo=False, device="cpu")
+    assert written[:4] == [("bias_gelu", 1, False), ("layer_norm", 1, False), ("bias_gelu", 2, False),
+                           ("layer_norm", 2, False)]
+    assert sorted(written[4:]) == [("bias_gelu", 2, True), ("layer_norm", 2, True)]
+    assert json.loads((tmp_path / "cpu" / "layer_norm.json").read_text())["meta"]["complete"] is True
