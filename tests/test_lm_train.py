@@ -297,3 +297,23 @@ def test_weight_decay_only_on_block_matrices():
     assert all(p.dim() == 2 and names[id(p)].startswith("blocks.") for p in decay["params"])
     assert {"tok_emb.weight", "pos_emb.weight", "ln_f.weight"} <= {names[id(p)] for p in no_decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_torchrun_rank_owning_its_group_leaves_without_the_interpreters_teardown(monkeypatch):
+    """A finished run in a rank whose process group train() makes and destroys exits through _exit_now (gloo's
+    threads aborted finished ranks in teardown with -6); in a caller's own group, or alone, main returns."""
+    from types import SimpleNamespace
+    from fasttx.lm import train as train_module
+    exits = []
+    monkeypatch.setattr(train_module, "_exit_now", exits.append)
+    monkeypatch.setattr(train_module, "_run", lambda args, fail: 3)
+    args = SimpleNamespace(nproc_per_node=None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
+    assert train_module.main(args) == 3 and exits == [3]
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)  # tests/fsdp_worker.py's group
+    assert train_module.main(args) == 3 and exits == [3]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
+    assert train_module.main(args) == 3 and exits == [3]
