@@ -301,19 +301,23 @@ def test_weight_decay_only_on_block_matrices():
 
 def test_a_torchrun_rank_owning_its_group_leaves_without_the_interpreters_teardown(monkeypatch):
     """A finished run in a rank whose process group train() makes and destroys exits through _exit_now (gloo's
-    threads aborted finished ranks in teardown with -6); in a caller's own group, or alone, main returns."""
+    threads aborted finished ranks in teardown with -6); after an error, in a caller's own group, or alone,
+    main returns."""
     from types import SimpleNamespace
     from fasttx.lm import train as train_module
-    exits = []
+    exits, code = [], [0]
     monkeypatch.setattr(train_module, "_exit_now", exits.append)
-    monkeypatch.setattr(train_module, "_run", lambda args, fail: 3)
+    monkeypatch.setattr(train_module, "_run", lambda args, fail: code[0])
     args = SimpleNamespace(nproc_per_node=None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
-    assert train_module.main(args) == 3 and exits == [3]
+    assert train_module.main(args) == 0 and exits == [0]
+    code[0] = 2  # an error: the normal exit, so that torchrun does not kill rank 0 before it says what went wrong
+    assert train_module.main(args) == 2 and exits == [0]
+    code[0] = 0
     monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)  # tests/fsdp_worker.py's group
-    assert train_module.main(args) == 3 and exits == [3]
+    assert train_module.main(args) == 0 and exits == [0]
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
-    assert train_module.main(args) == 3 and exits == [3]
+    assert train_module.main(args) == 0 and exits == [0]

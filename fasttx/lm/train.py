@@ -517,13 +517,14 @@ def main(args) -> int:
                 del argv[i: i + (1 if "=" in a else 2)]
                 break
         return launch(argv, args.nproc_per_node)
-    # A torchrun rank whose process group train() creates and destroys leaves, once everything is saved and
-    # said, without the interpreter's teardown (_exit_now): on a loaded 2-core machine gloo's and the store's
-    # threads were seen still joinable there, aborting finished DDP and FSDP runs with exit -6. A caller's own
-    # group (tests/fsdp_worker.py, several runs in one process) is the caller's to end.
+    # A torchrun rank whose process group train() creates and destroys leaves a finished run, once everything
+    # is saved and said, without the interpreter's teardown (_exit_now): on a loaded 2-core machine gloo's and
+    # the store's threads were seen still joinable there, aborting finished DDP and FSDP runs with exit -6.
+    # Not after an error: a rank leaving at once would get its peers killed by torchrun before rank 0 has
+    # said what went wrong. A caller's own group (tests/fsdp_worker.py) is the caller's to end.
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and not dist.is_initialized()
     code = _run(args, fail)
-    if own_group:
+    if own_group and code == 0:
         _exit_now(code)
     return code
 
